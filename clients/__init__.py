@@ -1,0 +1,1 @@
+"""The computing layer: the Flower ClientApp that runs at every site."""

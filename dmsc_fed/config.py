@@ -1,0 +1,258 @@
+"""Configuration of a federation run: one frozen pydantic model, loaded from TOML.
+
+Every section forbids unknown keys, so a typo is an error naming the key rather
+than a silently ignored setting. :func:`load_config` turns pydantic's errors into a
+:class:`~dmsc_fed.errors.ConfigError` that names the field, the value and why.
+
+Example:
+-------
+>>> cfg = load_config(path=Path("examples/hospital/config.toml"))  # doctest: +SKIP
+>>> cfg.rounds, [s.name for s in cfg.sites]  # doctest: +SKIP
+
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dmsc_fed.errors import ConfigError
+
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BUNDLED_DATASETS = ("breast_cancer", "digits")
+MODEL_NAMES = ("logreg", "mlp", "cnn")
+IMAGE_MODELS = ("cnn",)
+IMAGE_DATASETS = ("digits",)
+BUILTIN_STRATEGIES = ("fedavg",)
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteSpec(_Frozen):
+    """One data-holding site (a hospital, a bank).
+
+    Attributes
+    ----------
+    name
+        Unique site name; it is also the SuperNode's ``site-name`` node config.
+    data_path
+        The site's own CSV file, for ``dataset.name = "csv"``. On a real
+        deployment the site passes it to ``dmsc-fed client --data`` instead.
+    pool
+        The resource pool the site belongs to (``cpu`` or ``gpu``).
+
+    """
+
+    name: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    data_path: Path | None = None
+    pool: Literal["cpu", "gpu"] = "cpu"
+
+
+class DatasetSpec(_Frozen):
+    """Which data each site trains on and how the bundled sets are split.
+
+    ``breast_cancer`` and ``digits`` ship with scikit-learn and are split across
+    the sites IID or by Dirichlet(``alpha``) label skew, deterministically by
+    the run's seed. ``csv`` reads each site's own file.
+    """
+
+    name: Literal["breast_cancer", "digits", "csv"] = "breast_cancer"
+    partitioning: Literal["iid", "dirichlet"] = "iid"
+    alpha: Annotated[float, Field(gt=0.0, le=1000.0)] = 0.5
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    scaling: Literal["federated", "local"] = "federated"
+    min_samples_per_site: Annotated[int, Field(ge=2)] = 10
+    label_column: str | None = None
+    feature_columns: list[str] | None = None
+    num_classes: Annotated[int, Field(ge=2)] | None = None
+
+    @model_validator(mode="after")
+    def _csv_needs_schema(self) -> DatasetSpec:
+        if self.name == "csv":
+            if not self.label_column:
+                raise ValueError("dataset.name = 'csv' needs label_column")
+            if not self.feature_columns:
+                raise ValueError("dataset.name = 'csv' needs feature_columns (a list of column names)")
+            if self.num_classes is None:
+                raise ValueError("dataset.name = 'csv' needs num_classes")
+            if self.label_column in self.feature_columns:
+                raise ValueError(f"label_column {self.label_column!r} is also listed in feature_columns")
+            if len(set(self.feature_columns)) != len(self.feature_columns):
+                raise ValueError("feature_columns lists a column twice")
+        elif self.label_column or self.feature_columns or self.num_classes:
+            raise ValueError(
+                f"label_column, feature_columns and num_classes apply to csv data only, not to {self.name!r}"
+            )
+        return self
+
+
+class ModelSpec(_Frozen):
+    """A model from the zoo (:mod:`dmsc_fed.models.zoo`), all Opacus-compatible."""
+
+    name: Literal["logreg", "mlp", "cnn"] = "logreg"
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [32])
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class StrategySpec(_Frozen):
+    """The server-side aggregation strategy."""
+
+    name: str = "fedavg"
+    fraction_train: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    fraction_evaluate: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    min_sites: Annotated[int, Field(ge=1)] | None = None
+    round_timeout_s: Annotated[float, Field(gt=0.0, le=86400.0)] = 600.0
+    join_timeout_s: Annotated[float, Field(gt=0.0, le=86400.0)] = 300.0
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_import_path(cls, value: str) -> str:
+        if value in BUILTIN_STRATEGIES or _IMPORT_PATH.match(value):
+            return value
+        raise ValueError(
+            f"unknown strategy {value!r}: use one of {list(BUILTIN_STRATEGIES)} "
+            "or an import path 'package.module:ClassName'"
+        )
+
+
+class PrivacySpec(_Frozen):
+    """Privacy settings of the task (a site's own policy can only tighten them).
+
+    This version trains without DP-SGD and without encryption; the section is
+    validated so that a config asking for them fails loudly instead of silently
+    running without privacy.
+    """
+
+    dp: Literal["off"] = "off"
+    encryption: Literal["off"] = "off"
+
+
+class SegmentationSpec(_Frozen):
+    """Model segmentation (draft section 6.2.4). ``none`` trains the whole model."""
+
+    mode: Literal["none"] = "none"
+
+
+class FederationConfig(_Frozen):
+    """Everything one federated training run needs, validated and frozen."""
+
+    name: Annotated[str, Field(pattern=SITE_NAME_PATTERN)] = "federation"
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    rounds: Annotated[int, Field(ge=1, le=100_000)] = 3
+    local_epochs: Annotated[int, Field(ge=1, le=10_000)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    sites: Annotated[list[SiteSpec], Field(min_length=1, max_length=10_000)]
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_site_names(cls, sites: list[SiteSpec]) -> list[SiteSpec]:
+        seen: set[str] = set()
+        for site in sites:
+            if site.name in seen:
+                raise ValueError(f"site name {site.name!r} appears twice")
+            seen.add(site.name)
+        return sites
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if self.model.name in IMAGE_MODELS and self.dataset.name not in IMAGE_DATASETS:
+            raise ValueError(
+                f"model {self.model.name!r} needs image data ({list(IMAGE_DATASETS)}), "
+                f"not {self.dataset.name!r}"
+            )
+        if self.strategy.min_sites is not None and self.strategy.min_sites > len(self.sites):
+            raise ValueError(
+                f"strategy.min_sites = {self.strategy.min_sites} is more than the "
+                f"{len(self.sites)} sites configured"
+            )
+        return self
+
+    @property
+    def min_sites(self) -> int:
+        """Sites that must reply for a round to count (all by default)."""
+        return self.strategy.min_sites or len(self.sites)
+
+    def site_index(self, name: str) -> int:
+        """Position of site ``name`` in :attr:`sites`; raises ConfigError if absent."""
+        for i, site in enumerate(self.sites):
+            if site.name == name:
+                return i
+        raise ConfigError(
+            f"site {name!r} is not a member of federation {self.name!r} "
+            f"(members: {[s.name for s in self.sites]})"
+        )
+
+    def to_json(self) -> str:
+        """Canonical JSON form, used on the wire and in the run directory."""
+        return self.model_dump_json()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e['input']!r}); check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required but missing")
+        else:
+            lines.append(f"  {loc} = {e['input']!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(*, data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> FederationConfig:
+    """Validate a config mapping; relative site data paths resolve against ``base_dir``."""
+    try:
+        cfg = FederationConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    if base_dir is not None:
+        sites = [
+            s.model_copy(update={"data_path": (base_dir / s.data_path).resolve()})
+            if s.data_path is not None and not s.data_path.is_absolute()
+            else s
+            for s in cfg.sites
+        ]
+        cfg = cfg.model_copy(update={"sites": sites})
+    return cfg
+
+
+def load_config(*, path: Path) -> FederationConfig:
+    """Load and validate a federation config from a TOML file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data=data, source=str(path), base_dir=path.resolve().parent)
+
+
+def config_from_json(text: str) -> FederationConfig:
+    """Inverse of :meth:`FederationConfig.to_json` (used by the Flower apps)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"run config is not valid JSON: {err}") from None
+    return parse_config(data=data, source="run config")

@@ -1,0 +1,61 @@
+"""One exception hierarchy for dmsc-fed.
+
+Every error a user can cause derives from :class:`DmscError`. The CLI maps each
+class to a stable exit code and prints its message without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DmscError(Exception):
+    """Base class of all dmsc-fed errors a user can act on."""
+
+    exit_code: int = 1
+
+
+class ConfigError(DmscError):
+    """A configuration file or value is invalid."""
+
+    exit_code = 2
+
+
+class DataError(DmscError):
+    """A site's data is missing, malformed or inconsistent with the config."""
+
+    exit_code = 3
+
+
+class ModelError(DmscError):
+    """A model name is unknown or parameters do not fit the model."""
+
+    exit_code = 4
+
+
+class LauncherError(DmscError):
+    """Starting, connecting to or stopping Flower processes failed."""
+
+    exit_code = 5
+
+
+class PortInUseError(LauncherError):
+    """A port the user asked for is already taken."""
+
+    exit_code = 6
+
+
+class AlreadyRunningError(LauncherError):
+    """Another ``dmsc-fed run`` holds the run lock."""
+
+    exit_code = 7
+
+
+class RunFailedError(DmscError):
+    """The federated run ended without completing its rounds."""
+
+    exit_code = 8
+
+
+class Interrupted(DmscError):
+    """The user stopped the run (Ctrl-C or SIGTERM)."""
+
+    exit_code = 130

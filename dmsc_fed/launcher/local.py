@@ -1,0 +1,245 @@
+"""``dmsc-fed run``: a real Flower deployment of one SuperLink and one SuperNode per
+site, all on 127.0.0.1, driven to completion and torn down.
+
+The steps are those of a real multi-machine deployment (TLS, SuperNode
+authentication, one process tree per site); only the addresses are loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from dmsc_fed.config import FederationConfig
+from dmsc_fed.errors import AlreadyRunningError, Interrupted, LauncherError, RunFailedError
+from dmsc_fed.launcher.flower import (
+    FlowerCli,
+    flower_env,
+    superlink_argv,
+    supernode_argv,
+    tail,
+    wait_healthy,
+    write_node_config,
+)
+from dmsc_fed.launcher.ports import free_port
+from dmsc_fed.launcher.processes import Child, ProcessGroup
+from dmsc_fed.security.pki import create_node_keys, create_tls
+
+HOST = "127.0.0.1"
+APP_PYPROJECT = """\
+[project]
+name = "dmsc-fed-app"
+version = "{version}"
+dependencies = ["flwr>=1.42.0,<1.43"]
+
+[tool.flwr.app]
+publisher = "dmsc-fed"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "clients.app:app"
+
+[tool.flwr.app.config]
+dmsc-config = ""
+config-file = ""
+out-dir = ""
+"""
+
+
+def state_dir() -> Path:
+    """Where machine-wide launcher state (the run lock) lives: ``$DMSC_FED_HOME`` or ``~/.dmsc-fed``."""
+    return Path(os.environ.get("DMSC_FED_HOME", Path.home() / ".dmsc-fed"))
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold the machine-wide run lock; a second ``dmsc-fed run`` fails at once."""
+    path = state_dir() / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise AlreadyRunningError(
+                f"another dmsc-fed run is in progress ({holder}); wait for it to finish or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, writing to {out}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` so cleanup runs (Ctrl-C already raises)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def app_dir(work: Path) -> Path:
+    """The Flower App to submit: the source checkout if there is one, else a minimal app.
+
+    The minimal app only names the components; their code comes from the
+    installed ``dmsc-fed`` distribution, which the SuperLink's and SuperNodes'
+    environments must have.
+    """
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text():
+        return root
+    from dmsc_fed import __version__
+
+    gen = work / "app"
+    gen.mkdir(parents=True, exist_ok=True)
+    (gen / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+    return gen
+
+
+@dataclass
+class RunEvents:
+    """Callbacks the CLI uses to show progress."""
+
+    on_stage: Callable[[str], None] = lambda msg: None
+    on_round: Callable[[dict[str, Any]], None] = lambda row: None
+
+
+@dataclass
+class LocalFederation:
+    """One local deployment: SuperLink + SuperNodes for ``cfg`` under ``out``."""
+
+    cfg: FederationConfig
+    out: Path
+    insecure: bool = False
+    events: RunEvents = field(default_factory=RunEvents)
+    startup_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        self.work = self.out / "flower"
+        self.logs = self.out / "logs"
+
+    # ---------------------------------------------------------------- startup
+    def _start_superlink(self, group: ProcessGroup, port: int) -> tuple[Child, Path | None]:
+        tls = None if self.insecure else create_tls(directory=self.work / "certs")
+        argv = superlink_argv(host=HOST, port=port, tls=tls, auth=not self.insecure,
+                              database=self.work / "superlink" / "state.db")
+        child = group.start(name="superlink", argv=argv, env=flower_env(self.work / "superlink"),
+                            log_path=self.logs / "superlink.log")
+        ca = None if tls is None else tls.ca_cert
+        wait_healthy(host=HOST, port=port, ca_cert=ca, child=child, timeout_s=self.startup_timeout_s)
+        return child, ca
+
+    def _start_sites(self, group: ProcessGroup, cli: FlowerCli, superlink: str, ca: Path | None) -> list[Child]:
+        children = []
+        for site in self.cfg.sites:
+            key = None
+            if not self.insecure:
+                keys = create_node_keys(directory=self.work / "certs" / "nodes", site=site.name)
+                cli.register(keys.public, site.name)
+                key = keys.private
+            values = {"site-name": site.name, "threads": "1"}
+            if site.data_path is not None:
+                values["data-path"] = str(site.data_path)
+            node_cfg = write_node_config(self.work / "sites" / f"{site.name}.toml", values)
+            argv = supernode_argv(superlink=superlink, port=free_port(), ca_cert=ca, private_key=key,
+                                  node_config=node_cfg)
+            children.append(group.start(name=f"supernode {site.name}", argv=argv,
+                                        env=flower_env(self.work / "sites" / site.name),
+                                        log_path=self.logs / f"supernode-{site.name}.log"))
+        return children
+
+    def _wait_online(self, cli: FlowerCli, nodes: list[Child]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        want = len(nodes)
+        online = 0
+        while time.monotonic() < deadline:
+            for child in nodes:
+                if child.popen.poll() is not None:
+                    raise LauncherError(f"{child.name} exited (code {child.popen.returncode}):\n{tail(child.log_path)}")
+            online = sum(1 for n in cli.nodes() if str(n.get("status", "")).lower() == "online")
+            if online >= want:
+                return
+            time.sleep(1.0)
+        raise LauncherError(f"only {online} of {want} SuperNodes came online within {self.startup_timeout_s:.0f}s")
+
+    # ------------------------------------------------------------------ run
+    def _follow(self, cli: FlowerCli, run_id: int, group_children: list[Child]) -> str:
+        metrics = self.out / "metrics.jsonl"
+        seen = 0
+        status = "pending"
+        while True:
+            if metrics.exists():
+                rows = metrics.read_text().splitlines()
+                for line in rows[seen:]:
+                    if line.strip():
+                        self.events.on_round(json.loads(line))
+                seen = len(rows)
+            if status.startswith("finished"):
+                return status
+            superlink = group_children[0]
+            if superlink.popen.poll() is not None:
+                raise LauncherError(f"the SuperLink exited during the run:\n{tail(superlink.log_path)}")
+            status = cli.status(run_id)
+            time.sleep(1.0)
+
+    def run(self) -> dict[str, Any]:
+        """Start everything, run the task, write the run directory, stop everything."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.out), sigterm_as_interrupt(), ProcessGroup() as group:
+            run_id: int | None = None
+            cli: FlowerCli | None = None
+            try:
+                port = free_port()
+                self.events.on_stage(f"starting SuperLink on {HOST}:{port} "
+                                     f"({'insecure' if self.insecure else 'TLS + SuperNode auth'})")
+                link, ca = self._start_superlink(group, port)
+                cli = FlowerCli(home=self.work / "cli", address=f"{HOST}:{port}", ca_cert=ca)
+                self.events.on_stage(f"starting {len(self.cfg.sites)} SuperNodes")
+                nodes = self._start_sites(group, cli, f"{HOST}:{port}", ca)
+                self._wait_online(cli, nodes)
+                overrides = self.work / "run-config.toml"
+                overrides.write_text(
+                    f"dmsc-config = {json.dumps(self.cfg.to_json())}\nout-dir = {json.dumps(str(self.out.resolve()))}\n"
+                )
+                self.events.on_stage("submitting the run")
+                run_id = cli.submit(app_dir=app_dir(self.work), run_config=overrides)
+                self.events.on_stage(f"run {run_id} submitted; training {self.cfg.rounds} rounds")
+                status = self._follow(cli, run_id, [link, *nodes])
+                (self.logs / "run.log").write_text(cli.logs(run_id))
+                if status != "finished:completed":
+                    raise RunFailedError(f"run {run_id} ended as {status}:\n{tail(self.logs / 'run.log', 25)}")
+                result_path = self.out / "result.json"
+                if not result_path.exists():
+                    raise RunFailedError(f"run {run_id} finished but wrote no result.json")
+                result: dict[str, Any] = json.loads(result_path.read_text())
+                return result
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted (Ctrl-C); all processes stopped") from None
+            finally:
+                if cli is not None and run_id is not None and not (self.out / "result.json").exists():
+                    with contextlib.suppress(Exception):
+                        cli.stop_run(run_id)
+                self.events.on_stage("stopping Flower processes")

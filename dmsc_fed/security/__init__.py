@@ -1,0 +1,1 @@
+"""Key material and identities: TLS certificates and SuperNode keys."""

@@ -1,0 +1,1 @@
+"""The control and aggregation layer: the Flower ServerApp and its round loop."""

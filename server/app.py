@@ -1,0 +1,26 @@
+"""The Flower ServerApp of dmsc-fed (component ``server.app:app``).
+
+Run configuration keys (``[tool.flwr.app.config]``):
+
+``dmsc-config``
+    The federation config as JSON (set by ``dmsc-fed run``).
+``config-file``
+    A TOML config, relative to the app root, used when ``dmsc-config`` is empty.
+``out-dir``
+    Where to write the run directory on the server's machine ("" for none).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one federated training task."""
+    from server.loop import run_federation
+
+    run_federation(grid=grid, run_config=dict(context.run_config))

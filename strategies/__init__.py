@@ -1,0 +1,20 @@
+"""Aggregation strategies (Flower message-API) and the public API for custom ones.
+
+``STRATEGIES`` maps the built-in names a config may use to their classes.
+"""
+
+from strategies.fedavg import RoundReport, WeightedFedAvg, weighted_average, weighted_metrics
+from strategies.validation import ArraySpec, check_reply, specs_of
+
+STRATEGIES = {"fedavg": WeightedFedAvg}
+
+__all__ = [
+    "STRATEGIES",
+    "ArraySpec",
+    "RoundReport",
+    "WeightedFedAvg",
+    "check_reply",
+    "specs_of",
+    "weighted_average",
+    "weighted_metrics",
+]

@@ -1,0 +1,256 @@
+"""Weighted federated averaging with per-reply validation.
+
+Implements FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of
+Deep Networks from Decentralized Data", https://arxiv.org/abs/1602.05629): the
+global model is the average of the sites' models weighted by their sample
+counts. Unlike Flower's ``FedAvg``, which drops the whole round when one reply is
+inconsistent, every reply is validated on its own (:func:`check_reply`) and a bad
+one is left out with a logged reason while the others are aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from numpy.typing import NDArray
+
+from dmsc_fed.sites import SiteInfo
+from dmsc_fed.wire import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.validation import ArraySpec, check_reply, specs_of
+
+log = logging.getLogger("dmsc_fed.strategy")
+
+
+def weighted_average(updates: Sequence[Mapping[str, NDArray[Any]]], weights: Sequence[float]) -> dict[str, NDArray[Any]]:
+    """Average each named array over ``updates``, weighting update ``i`` by ``weights[i]``.
+
+    Accumulates in float64 and returns arrays in the dtype of the first update.
+    """
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    if any(w < 0 or not np.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights sum to zero")
+    out: dict[str, NDArray[Any]] = {}
+    for key, first in updates[0].items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for upd, w in zip(updates, weights, strict=True):
+            acc += (w / total) * upd[key]
+        out[key] = acc.astype(first.dtype)
+    return out
+
+
+def weighted_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[float]) -> dict[str, float]:
+    """Weighted mean of every scalar metric present in all replies; ``num-examples`` is summed."""
+    if not metrics:
+        return {}
+    total = float(sum(weights))
+    keys = set.intersection(*(set(m) for m in metrics))
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        if key == NUM_EXAMPLES_KEY:
+            out[key] = float(sum(m[key] for m in metrics))
+        else:
+            out[key] = sum(w * float(m[key]) for m, w in zip(metrics, weights, strict=True)) / total
+    return out
+
+
+@dataclass
+class RoundReport:
+    """Everything that happened in one round, for logs and ``metrics.jsonl``."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    train_sites: list[str] = field(default_factory=list)
+    evaluate_sites: list[str] = field(default_factory=list)
+    per_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    aggregated: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "round": self.round,
+            "aggregated": self.aggregated,
+            "loss": self.evaluate.get("loss"),
+            "accuracy": self.evaluate.get("accuracy"),
+            "train": self.train,
+            "evaluate": self.evaluate,
+            "train_sites": self.train_sites,
+            "evaluate_sites": self.evaluate_sites,
+            "per_site": self.per_site,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class WeightedFedAvg(FedAvg):
+    """FedAvg over the federation's member sites, weighted by sample count.
+
+    Parameters
+    ----------
+    sites
+        The member sites by Flower node id, as they declared themselves when
+        joining. Replies from other nodes are rejected.
+    expected_arrays
+        Layout of the global model; replies must match it exactly.
+    fraction_train, fraction_evaluate
+        Fractions of member sites sampled each round.
+    min_sites
+        At least this many sites are sampled each round.
+    on_round
+        Called with the :class:`RoundReport` at the end of every round.
+    seed
+        Seeds the site sampling.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        sites: Mapping[int, SiteInfo],
+        expected_arrays: Mapping[str, ArraySpec],
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_sites: int = 1,
+        on_round: Callable[[RoundReport], None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_sites,
+            weighted_by_key=NUM_EXAMPLES_KEY,
+            arrayrecord_key=ARRAYS_KEY,
+        )
+        self.sites = dict(sites)
+        self.expected_arrays = dict(expected_arrays)
+        self.on_round = on_round
+        self.rng = random.Random(seed)
+        self.reports: list[RoundReport] = []
+
+    @classmethod
+    def for_model(cls, *, initial: ArrayRecord, **kwargs: Any) -> WeightedFedAvg:
+        """Build the strategy with the reply layout taken from the initial model."""
+        return cls(expected_arrays=specs_of(initial), **kwargs)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        connected = set(grid.get_node_ids())
+        members = sorted(n for n in self.sites if n in connected)
+        k = min(len(members), max(minimum, int(round(len(members) * fraction))))
+        return sorted(self.rng.sample(members, k))
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the global model to a sample of member sites for training."""
+        self.reports.append(RoundReport(round=server_round))
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        log.info("round %d: training on %s", server_round, [self.sites[n].name for n in nodes])
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the new global model to a sample of member sites for evaluation on their test splits."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    # --------------------------------------------------------------- aggregation
+    def _report(self, server_round: int) -> RoundReport:
+        if not self.reports or self.reports[-1].round != server_round:
+            self.reports.append(RoundReport(round=server_round))
+        return self.reports[-1]
+
+    def _accept(self, replies: Iterable[Message], *, train: bool, report: RoundReport) -> list[tuple[SiteInfo, RecordDict]]:
+        accepted: list[tuple[SiteInfo, RecordDict]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site = self.sites.get(node)
+            name = site.name if site else f"node-{node}"
+            if site is None:
+                reason = "sender is not a member site of this run"
+            elif msg.has_error():
+                reason = f"site reported an error: {msg.error.reason}"
+            else:
+                reason = check_reply(
+                    msg.content,
+                    max_examples=site.num_train if train else site.num_test,
+                    expected_arrays=self.expected_arrays if train else None,
+                )
+            if reason is not None:
+                stage = "train" if train else "evaluate"
+                log.warning("round %d: %s reply from %s left out: %s", report.round, stage, name, reason)
+                report.rejected.append({"site": name, "stage": stage, "reason": reason})
+                continue
+            assert site is not None
+            accepted.append((site, msg.content))
+        return accepted
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, then average the accepted ones weighted by sample count."""
+        report = self._report(server_round)
+        accepted = self._accept(replies, train=True, report=report)
+        if not accepted:
+            log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
+            return None, None
+        weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+        updates = [{k: a.numpy() for k, a in c[ARRAYS_KEY].items()} for _, c in accepted]  # type: ignore[union-attr]
+        averaged = weighted_average(updates, weights)
+        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
+        site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+        report.train = weighted_metrics(site_metrics, weights)
+        report.train_sites = [s.name for s, _ in accepted]
+        for (site, _), m in zip(accepted, site_metrics, strict=True):
+            report.per_site.setdefault(site.name, {})["train"] = m
+        report.aggregated = True
+        return arrays, MetricRecord(report.train)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Validate each reply and average test metrics weighted by test-set size."""
+        report = self._report(server_round)
+        accepted = self._accept(replies, train=False, report=report)
+        if accepted:
+            weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+            site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+            report.evaluate = weighted_metrics(site_metrics, weights)
+            report.evaluate_sites = [s.name for s, _ in accepted]
+            for (site, _), m in zip(accepted, site_metrics, strict=True):
+                report.per_site.setdefault(site.name, {})["evaluate"] = m
+        report.seconds = time.time() - report.started
+        if self.on_round is not None:
+            self.on_round(report)
+        return MetricRecord(report.evaluate) if report.evaluate else None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info(
+            "WeightedFedAvg: %d member sites, fraction_train=%.2f, fraction_evaluate=%.2f, min sites=%d",
+            len(self.sites), self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
+        )
+
+
+def _scalars(metrics: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
