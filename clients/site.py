@@ -40,7 +40,6 @@ from dmsc_fed.wire import (
 )
 
 
-
 def _task(content: RecordDict) -> FederationConfig:
     rec = content.get(CONFIG_KEY)
     if not isinstance(rec, ConfigRecord) or TASK_KEY not in rec:
@@ -97,13 +96,15 @@ def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
     cfg = _task(content)
     site = _site_name(node_config)
     summary = describe_site(cfg=cfg, site=site, data_path=_data_path(node_config))
-    record = ConfigRecord({
-        "site": site,
-        "num-train": summary.num_train,
-        "num-test": summary.num_test,
-        "device": str(_device(node_config)),
-        "version": __version__,
-    })
+    record = ConfigRecord(
+        {
+            "site": site,
+            "num-train": summary.num_train,
+            "num-test": summary.num_test,
+            "device": str(_device(node_config)),
+            "version": __version__,
+        }
+    )
     stats = summary.stats
     if stats is not None:
         record["feature-count"] = stats.count
@@ -119,18 +120,24 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
     cfg, data = site_data(content, node_config)
     model = model_for(cfg)
     model.load_state_dict(_arrays(content).to_torch_state_dict())
-    server_round = int(content[CONFIG_KEY].get(ROUND_KEY, 0))  # type: ignore[union-attr, arg-type]
+    server_round = int(content[CONFIG_KEY].get(ROUND_KEY, 0))  # type: ignore[arg-type]
     fit = train(
-        model=model, x=data.x_train, y=data.y_train, cfg=cfg, device=_device(node_config),
+        model=model,
+        x=data.x_train,
+        y=data.y_train,
+        cfg=cfg,
+        device=_device(node_config),
         seed=cfg.seed * 100_003 + server_round * 101 + cfg.site_index(data.site),
     )
     arrays = ArrayRecord(model.cpu().state_dict())
-    metrics = MetricRecord({
-        NUM_EXAMPLES_KEY: fit.num_examples,
-        "loss": fit.loss,
-        "accuracy": fit.accuracy,
-        "train-time-s": fit.seconds,
-    })
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES_KEY: fit.num_examples,
+            "loss": fit.loss,
+            "accuracy": fit.accuracy,
+            "train-time-s": fit.seconds,
+        }
+    )
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": data.site})})
 
 

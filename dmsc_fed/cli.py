@@ -6,12 +6,13 @@ exit code; a user mistake never shows a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -22,6 +23,11 @@ from rich.text import Text
 
 from dmsc_fed.config import load_config
 from dmsc_fed.errors import DmscError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from dmsc_fed.launcher.runs import RunEvents
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving training on Flower.")
 config_app = typer.Typer(no_args_is_help=True, help="Check federation config files.")
@@ -44,6 +50,35 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+@contextlib.contextmanager
+def _progress(rounds: int) -> Iterator[RunEvents]:
+    """A rich progress bar plus one line per round (round, loss, accuracy)."""
+    from dmsc_fed.launcher.runs import RunEvents
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("starting", total=rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.console.print(
+                f"round {row['round']:>3}/{rounds}  loss {_fmt(row['loss'])}  accuracy {_fmt(row['accuracy'])}  "
+                f"sites {len(row['train_sites'])}  rejected {len(row['rejected'])}  ({row['seconds']:.1f}s)"
+            )
+            progress.update(bar, completed=row["round"])
+
+        yield RunEvents(on_stage=lambda msg: progress.update(bar, description=msg[:60]), on_round=on_round)
+        progress.update(bar, description="done")
+
+
+def _final_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    table = Table(title=title)
+    for col, justify in (("model", "left"), ("accuracy", "right"), ("loss", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, metrics in rows:
+        table.add_row(name, _fmt(metrics.get("accuracy")), _fmt(metrics.get("loss")))
+    console.print(table)
+
+
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="Federation config (TOML).")],
@@ -52,60 +87,92 @@ def run(
 ) -> None:
     """Run a federation locally: a SuperLink and one SuperNode per site on 127.0.0.1."""
     from dmsc_fed.baseline import centralized_baseline
-    from dmsc_fed.launcher.local import LocalFederation, RunEvents
+    from dmsc_fed.launcher.local import LocalFederation
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
-    out = out or Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"[bold]dmsc-fed[/] run [cyan]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.rounds} rounds, "
-                  f"model {cfg.model.name}, dataset {cfg.dataset.name} -> {out}")
+    out = out or _default_out(cfg.name)
+    console.print(
+        f"[bold]dmsc-fed[/] run [cyan]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.rounds} rounds, "
+        f"model {cfg.model.name}, dataset {cfg.dataset.name} -> {out}"
+    )
     started = time.time()
     baseline = centralized_baseline(cfg=cfg)  # also checks every site's data before any process starts
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        bar = progress.add_task("rounds", total=cfg.rounds)
-
-        def on_round(row: dict[str, Any]) -> None:
-            progress.console.print(
-                f"round {row['round']:>3}/{cfg.rounds}  loss {_fmt(row['loss'])}  accuracy {_fmt(row['accuracy'])}  "
-                f"sites {len(row['train_sites'])}  rejected {len(row['rejected'])}  ({row['seconds']:.1f}s)"
-            )
-            progress.update(bar, completed=row["round"])
-
-        events = RunEvents(on_stage=lambda msg: progress.update(bar, description=msg[:60]), on_round=on_round)
+    with _progress(cfg.rounds) as events:
         result = LocalFederation(cfg=cfg, out=out, insecure=insecure, events=events).run()
-        progress.update(bar, description="done")
     summary = result | {
         "centralized_baseline": {"accuracy": baseline.accuracy, "loss": baseline.loss},
         "wall_seconds": round(time.time() - started, 1),
         "secure_transport": not insecure,
     }
     write_json(out / "summary.json", summary)
-    table = Table(title=f"{cfg.name}: test accuracy on the sites' held-out splits")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
-    fm = summary["final_metrics"]
-    table.add_row(f"federated ({summary['rounds_completed']} rounds)", _fmt(fm["accuracy"]), _fmt(fm["loss"]))
-    table.add_row("centralized (pooled data)", _fmt(baseline.accuracy), _fmt(baseline.loss))
-    console.print(table)
+    _final_table(
+        f"{cfg.name}: test accuracy on the sites' held-out splits",
+        [
+            (f"federated ({summary['rounds_completed']} rounds)", summary["final_metrics"]),
+            ("centralized (pooled data)", summary["centralized_baseline"]),
+        ],
+    )
     console.print(f"run directory: {out}  ({summary['wall_seconds']}s)")
+
+
+@app.command("submit")
+def submit(
+    config: Annotated[Path, typer.Argument(help="Federation config (TOML).")],
+    server: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")],
+    ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory on the SuperLink's machine.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (testing only).")] = False,
+) -> None:
+    """Submit a run to a SuperLink started with 'dmsc-fed server' and follow it to the end."""
+    from dmsc_fed.launcher.remote import submit_run
+    from dmsc_fed.runfiles import write_json
+
+    cfg = load_config(path=config)
+    out = out or _default_out(cfg.name)
+    with _progress(cfg.rounds) as events:
+        result = submit_run(cfg=cfg, server=server, ca=ca, out=out, insecure=insecure, events=events)
+    write_json(out / "summary.json", result | {"secure_transport": not insecure})
+    _final_table(
+        f"{cfg.name}: test accuracy on the sites' held-out splits",
+        [(f"federated ({result['rounds_completed']} rounds)", result["final_metrics"])],
+    )
+    console.print(f"run directory: {out}")
+
+
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 @app.command("server")
 def server(
     port: Annotated[int, typer.Option(help="Port of the SuperLink (Fleet, Control and Runtime APIs).")] = 9092,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for all interfaces.")] = "127.0.0.1",
-    certs: Annotated[Path | None, typer.Option(help="Directory from 'dmsc-fed keys init' (ca.crt, server.pem, server.key).")] = None,
-    authorized_keys: Annotated[Path | None, typer.Option("--authorized-keys", help="Directory of site public keys (*.pub) to register.")] = None,
-    state: Annotated[Path, typer.Option(help="Directory for the SuperLink database and logs.")] = Path("superlink-state"),
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no SuperNode authentication (testing only).")] = False,
+    certs: Annotated[
+        Path | None, typer.Option(help="Directory from 'dmsc-fed keys init' (ca.crt, server.pem, server.key).")
+    ] = None,
+    authorized_keys: Annotated[
+        Path | None, typer.Option("--authorized-keys", help="Directory of site public keys (*.pub) to register.")
+    ] = None,
+    state: Annotated[Path, typer.Option(help="Directory for the SuperLink database and logs.")] = Path(
+        "superlink-state"
+    ),
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS and no SuperNode authentication (testing only).")
+    ] = False,
 ) -> None:
     """Start the coordinator's SuperLink for a multi-machine deployment and keep it running."""
     from dmsc_fed.launcher.remote import serve
 
-    serve(host=host, port=port, certs=certs, authorized_keys=authorized_keys, state=state, insecure=insecure,
-          say=console.print)
+    serve(
+        host=host,
+        port=port,
+        certs=certs,
+        authorized_keys=authorized_keys,
+        state=state,
+        insecure=insecure,
+        say=console.print,
+    )
 
 
 @app.command("client")
@@ -116,21 +183,34 @@ def client(
     ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
     key: Annotated[Path | None, typer.Option(help="This site's SuperNode private key (SITE_key).")] = None,
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
-    state: Annotated[Path, typer.Option(help="Directory for the SuperNode's state and logs.")] = Path("supernode-state"),
+    state: Annotated[Path, typer.Option(help="Directory for the SuperNode's state and logs.")] = Path(
+        "supernode-state"
+    ),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (testing only).")] = False,
 ) -> None:
     """Start this site's SuperNode and keep it running; it trains on the data given here only."""
     from dmsc_fed.launcher.remote import join
 
-    join(server=server, site=site, data=data, ca=ca, key=key, port=port, state=state, insecure=insecure,
-         say=console.print)
+    join(
+        server=server,
+        site=site,
+        data=data,
+        ca=ca,
+        key=key,
+        port=port,
+        state=state,
+        insecure=insecure,
+        say=console.print,
+    )
 
 
 @keys_app.command("init")
 def keys_init(
     out: Annotated[Path, typer.Option(help="Directory to create the key material in.")],
     sites: Annotated[str, typer.Option(help="Comma-separated site names.")],
-    host: Annotated[list[str] | None, typer.Option(help="Address sites use to reach the SuperLink (repeatable).")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="Address sites use to reach the SuperLink (repeatable).")
+    ] = None,
 ) -> None:
     """Create a CA, a SuperLink certificate and one SuperNode key pair per site."""
     from dmsc_fed.launcher.remote import init_keys

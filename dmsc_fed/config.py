@@ -173,13 +173,11 @@ class FederationConfig(_Frozen):
     def _consistent(self) -> FederationConfig:
         if self.model.name in IMAGE_MODELS and self.dataset.name not in IMAGE_DATASETS:
             raise ValueError(
-                f"model {self.model.name!r} needs image data ({list(IMAGE_DATASETS)}), "
-                f"not {self.dataset.name!r}"
+                f"model {self.model.name!r} needs image data ({list(IMAGE_DATASETS)}), not {self.dataset.name!r}"
             )
         if self.strategy.min_sites is not None and self.strategy.min_sites > len(self.sites):
             raise ValueError(
-                f"strategy.min_sites = {self.strategy.min_sites} is more than the "
-                f"{len(self.sites)} sites configured"
+                f"strategy.min_sites = {self.strategy.min_sites} is more than the {len(self.sites)} sites configured"
             )
         return self
 
@@ -194,8 +192,7 @@ class FederationConfig(_Frozen):
             if site.name == name:
                 return i
         raise ConfigError(
-            f"site {name!r} is not a member of federation {self.name!r} "
-            f"(members: {[s.name for s in self.sites]})"
+            f"site {name!r} is not a member of federation {self.name!r} (members: {[s.name for s in self.sites]})"
         )
 
     def to_json(self) -> str:

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -97,15 +96,23 @@ def discover_sites(*, grid: Grid, cfg: FederationConfig, timeout_s: float) -> Jo
                 continue
             info, site_stats = parsed
             if info.name not in wanted:
-                log.warning("join: node %d calls itself %r, not a member of %s", info.node_id, info.name, sorted(wanted))
+                log.warning(
+                    "join: node %d calls itself %r, not a member of %s", info.node_id, info.name, sorted(wanted)
+                )
             elif any(m.name == info.name for m in members.values()):
                 log.warning("join: node %d claims site %r, which already joined; ignored", info.node_id, info.name)
             else:
                 members[info.node_id] = info
                 if site_stats is not None:
                     stats[info.node_id] = site_stats
-                log.info("join: %s (node %d) with %d train / %d test samples on %s",
-                         info.name, info.node_id, info.num_train, info.num_test, info.device)
+                log.info(
+                    "join: %s (node %d) with %d train / %d test samples on %s",
+                    info.name,
+                    info.node_id,
+                    info.num_train,
+                    info.num_test,
+                    info.device,
+                )
     joined = sorted(s.name for s in members.values())
     if len(members) < cfg.min_sites:
         raise RunFailedError(

@@ -66,8 +66,14 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg = task_config(run_config)
     if cfg.strategy.name not in STRATEGIES:
         raise ConfigError(f"strategy {cfg.strategy.name!r} is not available; built-in: {sorted(STRATEGIES)}")
-    log.info("task %r: %d rounds, %d sites, model %s, dataset %s",
-             cfg.name, cfg.rounds, len(cfg.sites), cfg.model.name, cfg.dataset.name)
+    log.info(
+        "task %r: %d rounds, %d sites, model %s, dataset %s",
+        cfg.name,
+        cfg.rounds,
+        len(cfg.sites),
+        cfg.model.name,
+        cfg.dataset.name,
+    )
     if out is not None:
         write_json(out / "config.json", cfg.model_dump(mode="json"))
 
@@ -81,9 +87,16 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 
     def on_round(report: RoundReport) -> None:
         row = report.to_dict()
-        log.info("round %d/%d: loss=%s accuracy=%s sites=%s rejected=%d (%.1fs)",
-                 report.round, cfg.rounds, _fmt(row["loss"]), _fmt(row["accuracy"]),
-                 report.train_sites, len(report.rejected), report.seconds)
+        log.info(
+            "round %d/%d: loss=%s accuracy=%s sites=%s rejected=%d (%.1fs)",
+            report.round,
+            cfg.rounds,
+            _fmt(row["loss"]),
+            _fmt(row["accuracy"]),
+            report.train_sites,
+            len(report.rejected),
+            report.seconds,
+        )
         if out is not None:
             append_jsonl(out / "metrics.jsonl", row)
 
@@ -103,8 +116,11 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         scaler = fit_scaler(list(joined.stats.values()))
         task[SCALER_MEAN] = scaler.mean.tolist()
         task[SCALER_STD] = scaler.std.tolist()
-        log.info("federated scaling fitted on %d training samples from %d sites",
-                 sum(s.count for s in joined.stats.values()), len(joined.stats))
+        log.info(
+            "federated scaling fitted on %d training samples from %d sites",
+            sum(s.count for s in joined.stats.values()),
+            len(joined.stats),
+        )
     started = time.time()
     result = strategy.start(
         grid=grid,

@@ -30,7 +30,9 @@ from strategies.validation import ArraySpec, check_reply, specs_of
 log = logging.getLogger("dmsc_fed.strategy")
 
 
-def weighted_average(updates: Sequence[Mapping[str, NDArray[Any]]], weights: Sequence[float]) -> dict[str, NDArray[Any]]:
+def weighted_average(
+    updates: Sequence[Mapping[str, NDArray[Any]]], weights: Sequence[float]
+) -> dict[str, NDArray[Any]]:
     """Average each named array over ``updates``, weighting update ``i`` by ``weights[i]``.
 
     Accumulates in float64 and returns arrays in the dtype of the first update.
@@ -156,22 +158,28 @@ class WeightedFedAvg(FedAvg):
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         connected = set(grid.get_node_ids())
         members = sorted(n for n in self.sites if n in connected)
-        k = min(len(members), max(minimum, int(round(len(members) * fraction))))
+        k = min(len(members), max(minimum, round(len(members) * fraction)))
         return sorted(self.rng.sample(members, k))
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
+    ) -> list[Message]:
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the global model to a sample of member sites for training."""
         self.reports.append(RoundReport(round=server_round))
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         log.info("round %d: training on %s", server_round, [self.sites[n].name for n in nodes])
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the new global model to a sample of member sites for evaluation on their test splits."""
         if self.fraction_evaluate == 0.0:
             return []
@@ -184,12 +192,15 @@ class WeightedFedAvg(FedAvg):
             self.reports.append(RoundReport(round=server_round))
         return self.reports[-1]
 
-    def _accept(self, replies: Iterable[Message], *, train: bool, report: RoundReport) -> list[tuple[SiteInfo, RecordDict]]:
+    def _accept(
+        self, replies: Iterable[Message], *, train: bool, report: RoundReport
+    ) -> list[tuple[SiteInfo, RecordDict]]:
         accepted: list[tuple[SiteInfo, RecordDict]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             site = self.sites.get(node)
             name = site.name if site else f"node-{node}"
+            reason: str | None
             if site is None:
                 reason = "sender is not a member site of this run"
             elif msg.has_error():
@@ -209,7 +220,9 @@ class WeightedFedAvg(FedAvg):
             accepted.append((site, msg.content))
         return accepted
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then average the accepted ones weighted by sample count."""
         report = self._report(server_round)
         accepted = self._accept(replies, train=True, report=report)
@@ -226,7 +239,7 @@ class WeightedFedAvg(FedAvg):
         for (site, _), m in zip(accepted, site_metrics, strict=True):
             report.per_site.setdefault(site.name, {})["train"] = m
         report.aggregated = True
-        return arrays, MetricRecord(report.train)
+        return arrays, _record(report.train)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Validate each reply and average test metrics weighted by test-set size."""
@@ -242,14 +255,22 @@ class WeightedFedAvg(FedAvg):
         report.seconds = time.time() - report.started
         if self.on_round is not None:
             self.on_round(report)
-        return MetricRecord(report.evaluate) if report.evaluate else None
+        return _record(report.evaluate) if report.evaluate else None
 
     def summary(self) -> None:
         """Log the strategy's settings."""
         log.info(
             "WeightedFedAvg: %d member sites, fraction_train=%.2f, fraction_evaluate=%.2f, min sites=%d",
-            len(self.sites), self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
+            len(self.sites),
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.min_train_nodes,
         )
+
+
+def _record(metrics: Mapping[str, float]) -> MetricRecord:
+    values: dict[str, int | float | list[int] | list[float]] = dict(metrics)
+    return MetricRecord(values)
 
 
 def _scalars(metrics: MetricRecord) -> dict[str, float]:

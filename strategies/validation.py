@@ -19,7 +19,6 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from dmsc_fed.wire import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 
 
-
 @dataclass(frozen=True)
 class ArraySpec:
     """Expected shape and dtype of one parameter array."""
@@ -74,7 +73,9 @@ def _check_arrays(content: RecordDict, expected: Mapping[str, ArraySpec]) -> str
         except Exception as err:
             return f"parameter {key!r} cannot be decoded: {err}"
         if values.shape != spec.shape:
-            return f"parameter {key!r} holds {values.size} values, its shape {spec.shape} needs {int(np.prod(spec.shape))}"
+            return (
+                f"parameter {key!r} holds {values.size} values, its shape {spec.shape} needs {int(np.prod(spec.shape))}"
+            )
         if not np.isfinite(values).all():
             return f"parameter {key!r} has non-finite values"
     return None

@@ -1,6 +1,15 @@
 """Site data: bundled datasets, a site's own CSV file, partitioning and splits."""
 
 from dmsc_fed.data.scaling import FeatureStats, Scaler, fit_scaler
-from dmsc_fed.data.site import SiteData, SiteSummary, load_site_data, pooled_data, describe_site
+from dmsc_fed.data.site import SiteData, SiteSummary, describe_site, load_site_data, pooled_data
 
-__all__ = ["FeatureStats", "Scaler", "SiteData", "SiteSummary", "describe_site", "fit_scaler", "load_site_data", "pooled_data"]
+__all__ = [
+    "FeatureStats",
+    "Scaler",
+    "SiteData",
+    "SiteSummary",
+    "describe_site",
+    "fit_scaler",
+    "load_site_data",
+    "pooled_data",
+]

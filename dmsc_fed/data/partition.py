@@ -43,9 +43,7 @@ def dirichlet_partition(
         raise DataError(f"Dirichlet alpha must be positive, got {alpha}")
     labels = np.asarray(labels)
     if labels.size < num_parts * min_size:
-        raise DataError(
-            f"{labels.size} samples cannot give {num_parts} sites at least {min_size} samples each"
-        )
+        raise DataError(f"{labels.size} samples cannot give {num_parts} sites at least {min_size} samples each")
     classes = np.unique(labels)
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_parts)]
@@ -81,11 +79,8 @@ def train_test_indices(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        k = int(round(idx.size * test_fraction))
-        if idx.size >= 2:
-            k = min(max(k, 1), idx.size - 1)
-        else:
-            k = 0
+        k = round(idx.size * test_fraction)
+        k = min(max(k, 1), idx.size - 1) if idx.size >= 2 else 0
         test.extend(idx[:k].tolist())
         train.extend(idx[k:].tolist())
     if not test:

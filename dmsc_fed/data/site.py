@@ -77,7 +77,9 @@ def _site_rows(cfg: FederationConfig, index: int, data_path: Path | None) -> Raw
     return RawData(x=raw.x[idx], y=raw.y[idx], num_classes=raw.num_classes, image_shape=raw.image_shape)
 
 
-def _split(cfg: FederationConfig, index: int, data_path: Path | None) -> tuple[RawData, NDArray[np.int64], NDArray[np.int64]]:
+def _split(
+    cfg: FederationConfig, index: int, data_path: Path | None
+) -> tuple[RawData, NDArray[np.int64], NDArray[np.int64]]:
     rows = _site_rows(cfg, index, data_path)
     rng = np.random.default_rng([cfg.seed, _SPLIT_STREAM, index])
     tr, te = train_test_indices(labels=rows.y, test_fraction=cfg.dataset.test_fraction, rng=rng)
@@ -85,18 +87,30 @@ def _split(cfg: FederationConfig, index: int, data_path: Path | None) -> tuple[R
 
 
 def _assemble(
-    site: str, rows: RawData, x_tr: NDArray[np.float32], y_tr: NDArray[np.int64],
-    x_te: NDArray[np.float32], y_te: NDArray[np.int64], scaler: Scaler | None,
+    site: str,
+    rows: RawData,
+    x_tr: NDArray[np.float32],
+    y_tr: NDArray[np.int64],
+    x_te: NDArray[np.float32],
+    y_te: NDArray[np.int64],
+    scaler: Scaler | None,
 ) -> SiteData:
     if scaler is not None:
         x_tr, x_te = scaler.apply(x_tr), scaler.apply(x_te)
     return SiteData(
-        site=site, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-        num_classes=rows.num_classes, image_shape=rows.image_shape,
+        site=site,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        num_classes=rows.num_classes,
+        image_shape=rows.image_shape,
     )
 
 
-def _scaler_for(cfg: FederationConfig, rows: RawData, x_train: NDArray[np.float32], given: Scaler | None) -> Scaler | None:
+def _scaler_for(
+    cfg: FederationConfig, rows: RawData, x_train: NDArray[np.float32], given: Scaler | None
+) -> Scaler | None:
     if rows.image_shape is not None:
         return None  # images use a fixed intensity scale
     if cfg.dataset.scaling == "local":

@@ -36,9 +36,7 @@ def load_bundled(*, name: str) -> RawData:
     if name == "digits":
         x, y = datasets.load_digits(return_X_y=True)
         # Pixel intensities are 0..16; a fixed scale keeps images comparable across sites.
-        return RawData(
-            x=(x / 16.0).astype(np.float32), y=y.astype(np.int64), num_classes=10, image_shape=(1, 8, 8)
-        )
+        return RawData(x=(x / 16.0).astype(np.float32), y=y.astype(np.int64), num_classes=10, image_shape=(1, 8, 8))
     raise DataError(f"unknown bundled dataset {name!r}; known: ['breast_cancer', 'digits']")
 
 
@@ -80,9 +78,7 @@ def load_csv(*, path: Path, label_column: str, feature_columns: list[str], num_c
         raise DataError(f"cannot read {path}: {err.strerror}") from None
     if not ys:
         raise DataError(f"{path}: no data rows")
-    return RawData(
-        x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.int64), num_classes=num_classes
-    )
+    return RawData(x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.int64), num_classes=num_classes)
 
 
 def _number(path: Path, row_no: int, column: str, cell: str) -> float:
@@ -101,9 +97,7 @@ def _label(path: Path, row_no: int, column: str, cell: str, num_classes: int) ->
     except ValueError:
         raise DataError(f"{path}:{row_no}: label column {column!r} has non-numeric value {cell!r}") from None
     if not value.is_integer() or not 0 <= value < num_classes:
-        raise DataError(
-            f"{path}:{row_no}: label {cell!r} in column {column!r} is not an integer in [0, {num_classes})"
-        )
+        raise DataError(f"{path}:{row_no}: label {cell!r} in column {column!r} is not an integer in [0, {num_classes})")
     return int(value)
 
 

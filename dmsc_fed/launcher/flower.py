@@ -1,5 +1,6 @@
-"""Thin wrappers over Flower's own executables (``flower-superlink``,
-``flower-supernode`` and the ``flwr`` CLI), run as separate processes.
+"""Thin wrappers over Flower's executables, each run as a separate process.
+
+The executables are ``flower-superlink``, ``flower-supernode`` and the ``flwr`` CLI.
 
 Every component gets its own ``FLWR_HOME`` so that nothing is shared with other
 Flower installations on the machine, telemetry and update checks are off, and the
@@ -58,13 +59,25 @@ def flower_env(home: Path) -> dict[str, str]:
 
 def superlink_argv(*, host: str, port: int, tls: TlsFiles | None, auth: bool, database: Path | None) -> list[str]:
     """Command line of a SuperLink (Fleet, Control and Runtime APIs on one port)."""
-    argv = [executable("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    argv = [
+        executable("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         argv.append("--insecure")
     else:
-        argv += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                 "--ssl-keyfile", str(tls.server_key)]
+        argv += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
         if auth:
             argv.append("--enable-supernode-auth")
     if database is not None:
@@ -73,12 +86,24 @@ def superlink_argv(*, host: str, port: int, tls: TlsFiles | None, auth: bool, da
 
 
 def supernode_argv(
-    *, superlink: str, port: int, ca_cert: Path | None, private_key: Path | None, node_config: Path,
+    *,
+    superlink: str,
+    port: int,
+    ca_cert: Path | None,
+    private_key: Path | None,
+    node_config: Path,
     max_wait_s: float | None = None,
 ) -> list[str]:
     """Command line of a SuperNode for one site."""
-    argv = [executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
-            "--node-config", str(node_config)]
+    argv = [
+        executable("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        str(node_config),
+    ]
     argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if private_key is not None:
         argv += ["--auth-supernode-private-key", str(private_key)]
@@ -138,22 +163,32 @@ class FlowerCli:
     def __init__(self, *, home: Path, address: str, ca_cert: Path | None) -> None:
         self.home = home
         self.env = flower_env(home)
-        conn = [f"[superlink]\ndefault = \"{CONNECTION}\"\n", f"[superlink.{CONNECTION}]",
-                f"address = \"{address}\""]
-        conn.append("insecure = true" if ca_cert is None else f"root-certificates = {json.dumps(str(ca_cert.resolve()))}")
+        conn = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]", f'address = "{address}"']
+        conn.append(
+            "insecure = true" if ca_cert is None else f"root-certificates = {json.dumps(str(ca_cert.resolve()))}"
+        )
         (home / "config.toml").write_text("\n".join(conn) + "\n")
 
     def call(self, *args: str, timeout_s: float = 120.0) -> str:
         """Run ``flwr ARGS`` and return its stdout; raise LauncherError on failure."""
         argv = [executable("flwr"), *args]
         try:
-            res = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout_s,
-                                 stdin=subprocess.DEVNULL, check=False)
+            res = subprocess.run(
+                argv,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise LauncherError(f"'flwr {' '.join(args)}' did not finish within {timeout_s:.0f}s") from None
         if res.returncode != 0:
-            raise LauncherError(f"'flwr {' '.join(args[:2])}' failed (code {res.returncode}): "
-                                f"{(res.stdout + res.stderr).strip()[-2000:]}")
+            raise LauncherError(
+                f"'flwr {' '.join(args[:2])}' failed (code {res.returncode}): "
+                f"{(res.stdout + res.stderr).strip()[-2000:]}"
+            )
         return res.stdout
 
     def call_json(self, *args: str, timeout_s: float = 120.0) -> Any:

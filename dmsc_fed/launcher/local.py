@@ -1,5 +1,6 @@
-"""``dmsc-fed run``: a real Flower deployment of one SuperLink and one SuperNode per
-site, all on 127.0.0.1, driven to completion and torn down.
+"""``dmsc-fed run``: a real Flower deployment on 127.0.0.1, run to completion and torn down.
+
+One SuperLink and one SuperNode per site are started as separate processes.
 
 The steps are those of a real multi-machine deployment (TLS, SuperNode
 authentication, one process tree per site); only the addresses are loopback.
@@ -9,18 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from dmsc_fed.config import FederationConfig
-from dmsc_fed.errors import AlreadyRunningError, Interrupted, LauncherError, RunFailedError
+from dmsc_fed.errors import AlreadyRunningError, Interrupted, LauncherError
 from dmsc_fed.launcher.flower import (
     FlowerCli,
     flower_env,
@@ -32,6 +32,7 @@ from dmsc_fed.launcher.flower import (
 )
 from dmsc_fed.launcher.ports import free_port
 from dmsc_fed.launcher.processes import Child, ProcessGroup
+from dmsc_fed.launcher.runs import RunEvents, submit_and_follow
 from dmsc_fed.security.pki import create_node_keys, create_tls
 
 HOST = "127.0.0.1"
@@ -120,14 +121,6 @@ def app_dir(work: Path) -> Path:
 
 
 @dataclass
-class RunEvents:
-    """Callbacks the CLI uses to show progress."""
-
-    on_stage: Callable[[str], None] = lambda msg: None
-    on_round: Callable[[dict[str, Any]], None] = lambda row: None
-
-
-@dataclass
 class LocalFederation:
     """One local deployment: SuperLink + SuperNodes for ``cfg`` under ``out``."""
 
@@ -144,10 +137,12 @@ class LocalFederation:
     # ---------------------------------------------------------------- startup
     def _start_superlink(self, group: ProcessGroup, port: int) -> tuple[Child, Path | None]:
         tls = None if self.insecure else create_tls(directory=self.work / "certs")
-        argv = superlink_argv(host=HOST, port=port, tls=tls, auth=not self.insecure,
-                              database=self.work / "superlink" / "state.db")
-        child = group.start(name="superlink", argv=argv, env=flower_env(self.work / "superlink"),
-                            log_path=self.logs / "superlink.log")
+        argv = superlink_argv(
+            host=HOST, port=port, tls=tls, auth=not self.insecure, database=self.work / "superlink" / "state.db"
+        )
+        child = group.start(
+            name="superlink", argv=argv, env=flower_env(self.work / "superlink"), log_path=self.logs / "superlink.log"
+        )
         ca = None if tls is None else tls.ca_cert
         wait_healthy(host=HOST, port=port, ca_cert=ca, child=child, timeout_s=self.startup_timeout_s)
         return child, ca
@@ -164,11 +159,17 @@ class LocalFederation:
             if site.data_path is not None:
                 values["data-path"] = str(site.data_path)
             node_cfg = write_node_config(self.work / "sites" / f"{site.name}.toml", values)
-            argv = supernode_argv(superlink=superlink, port=free_port(), ca_cert=ca, private_key=key,
-                                  node_config=node_cfg)
-            children.append(group.start(name=f"supernode {site.name}", argv=argv,
-                                        env=flower_env(self.work / "sites" / site.name),
-                                        log_path=self.logs / f"supernode-{site.name}.log"))
+            argv = supernode_argv(
+                superlink=superlink, port=free_port(), ca_cert=ca, private_key=key, node_config=node_cfg
+            )
+            children.append(
+                group.start(
+                    name=f"supernode {site.name}",
+                    argv=argv,
+                    env=flower_env(self.work / "sites" / site.name),
+                    log_path=self.logs / f"supernode-{site.name}.log",
+                )
+            )
         return children
 
     def _wait_online(self, cli: FlowerCli, nodes: list[Child]) -> None:
@@ -186,60 +187,33 @@ class LocalFederation:
         raise LauncherError(f"only {online} of {want} SuperNodes came online within {self.startup_timeout_s:.0f}s")
 
     # ------------------------------------------------------------------ run
-    def _follow(self, cli: FlowerCli, run_id: int, group_children: list[Child]) -> str:
-        metrics = self.out / "metrics.jsonl"
-        seen = 0
-        status = "pending"
-        while True:
-            if metrics.exists():
-                rows = metrics.read_text().splitlines()
-                for line in rows[seen:]:
-                    if line.strip():
-                        self.events.on_round(json.loads(line))
-                seen = len(rows)
-            if status.startswith("finished"):
-                return status
-            superlink = group_children[0]
-            if superlink.popen.poll() is not None:
-                raise LauncherError(f"the SuperLink exited during the run:\n{tail(superlink.log_path)}")
-            status = cli.status(run_id)
-            time.sleep(1.0)
-
     def run(self) -> dict[str, Any]:
         """Start everything, run the task, write the run directory, stop everything."""
         self.out.mkdir(parents=True, exist_ok=True)
         with run_lock(self.out), sigterm_as_interrupt(), ProcessGroup() as group:
-            run_id: int | None = None
-            cli: FlowerCli | None = None
             try:
                 port = free_port()
-                self.events.on_stage(f"starting SuperLink on {HOST}:{port} "
-                                     f"({'insecure' if self.insecure else 'TLS + SuperNode auth'})")
+                mode = "insecure" if self.insecure else "TLS + SuperNode auth"
+                self.events.on_stage(f"starting SuperLink on {HOST}:{port} ({mode})")
                 link, ca = self._start_superlink(group, port)
                 cli = FlowerCli(home=self.work / "cli", address=f"{HOST}:{port}", ca_cert=ca)
                 self.events.on_stage(f"starting {len(self.cfg.sites)} SuperNodes")
                 nodes = self._start_sites(group, cli, f"{HOST}:{port}", ca)
                 self._wait_online(cli, nodes)
-                overrides = self.work / "run-config.toml"
-                overrides.write_text(
-                    f"dmsc-config = {json.dumps(self.cfg.to_json())}\nout-dir = {json.dumps(str(self.out.resolve()))}\n"
+
+                def check_alive() -> None:
+                    if link.popen.poll() is not None:
+                        raise LauncherError(f"the SuperLink exited during the run:\n{tail(link.log_path)}")
+
+                return submit_and_follow(
+                    cli=cli,
+                    cfg=self.cfg,
+                    out=self.out,
+                    app=app_dir(self.work),
+                    events=self.events,
+                    check_alive=check_alive,
                 )
-                self.events.on_stage("submitting the run")
-                run_id = cli.submit(app_dir=app_dir(self.work), run_config=overrides)
-                self.events.on_stage(f"run {run_id} submitted; training {self.cfg.rounds} rounds")
-                status = self._follow(cli, run_id, [link, *nodes])
-                (self.logs / "run.log").write_text(cli.logs(run_id))
-                if status != "finished:completed":
-                    raise RunFailedError(f"run {run_id} ended as {status}:\n{tail(self.logs / 'run.log', 25)}")
-                result_path = self.out / "result.json"
-                if not result_path.exists():
-                    raise RunFailedError(f"run {run_id} finished but wrote no result.json")
-                result: dict[str, Any] = json.loads(result_path.read_text())
-                return result
             except KeyboardInterrupt:
                 raise Interrupted("interrupted (Ctrl-C); all processes stopped") from None
             finally:
-                if cli is not None and run_id is not None and not (self.out / "result.json").exists():
-                    with contextlib.suppress(Exception):
-                        cli.stop_run(run_id)
                 self.events.on_stage("stopping Flower processes")

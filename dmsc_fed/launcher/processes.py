@@ -9,6 +9,7 @@ processes, waits, then SIGKILLs whatever of its own is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,8 +71,12 @@ class ProcessGroup:
         with log_path.open("ab") as log:
             try:
                 popen = subprocess.Popen(
-                    list(argv), env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
+                    list(argv),
+                    env=dict(env),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             except OSError as err:
                 raise LauncherError(f"cannot start {name} ({argv[0]}): {err.strerror}") from None
@@ -105,10 +110,8 @@ class ProcessGroup:
 
     def _watch(self) -> None:
         while not self._stop_watch.wait(0.5):
-            try:
+            with contextlib.suppress(OSError):
                 self._scan()
-            except OSError:
-                pass
 
     def live(self) -> list[int]:
         """PIDs of processes of this group that are still running."""
@@ -120,10 +123,8 @@ class ProcessGroup:
         with self._lock:
             start = self.seen.get(pid)
         if start is not None and _alive(pid, start):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
     def _wait_gone(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -138,8 +139,11 @@ class ProcessGroup:
             time.sleep(0.2)
 
     def stop(self, *, grace_s: float = 15.0) -> None:
-        """Stop everything: SIGTERM the main processes (last started first), then any
-        descendant still running, and SIGKILL what is left after ``grace_s``."""
+        """Stop every process of the group, by PID.
+
+        SIGTERM goes to the main processes (last started first), then to any
+        descendant still running; SIGKILL to what is left after ``grace_s``.
+        """
         self._scan()
         for child in reversed(self.children):
             self._signal(child.popen.pid, signal.SIGTERM)

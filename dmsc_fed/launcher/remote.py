@@ -4,6 +4,7 @@
 * ``dmsc-fed server`` (coordinator): a SuperLink with TLS and SuperNode
   authentication; it registers the sites' public keys it is given.
 * ``dmsc-fed client`` (each site): a SuperNode that names its site and its data.
+* ``dmsc-fed submit`` (coordinator): submits a task and follows it round by round.
 
 Both stay in the foreground until Ctrl-C or SIGTERM, then stop their process tree.
 """
@@ -14,8 +15,9 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dmsc_fed.config import SITE_NAME_PATTERN
+from dmsc_fed.config import SITE_NAME_PATTERN, FederationConfig
 from dmsc_fed.errors import ConfigError, Interrupted, LauncherError
 from dmsc_fed.launcher.flower import (
     FlowerCli,
@@ -26,9 +28,10 @@ from dmsc_fed.launcher.flower import (
     wait_healthy,
     write_node_config,
 )
-from dmsc_fed.launcher.local import sigterm_as_interrupt
+from dmsc_fed.launcher.local import app_dir, sigterm_as_interrupt
 from dmsc_fed.launcher.ports import can_connect, ensure_free
 from dmsc_fed.launcher.processes import Child, ProcessGroup
+from dmsc_fed.launcher.runs import RunEvents, submit_and_follow
 from dmsc_fed.security.pki import TlsFiles, create_node_keys, create_tls, require_file
 
 Say = Callable[[str], None]
@@ -62,8 +65,9 @@ def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
     raise LauncherError(f"{main.name} exited with code {main.popen.returncode}:\n{tail(main.log_path)}")
 
 
-def serve(*, host: str, port: int, certs: Path | None, authorized_keys: Path | None, state: Path,
-          insecure: bool, say: Say) -> None:
+def serve(
+    *, host: str, port: int, certs: Path | None, authorized_keys: Path | None, state: Path, insecure: bool, say: Say
+) -> None:
     """Run a SuperLink until interrupted."""
     ensure_free(port, host=host, what="SuperLink port")
     tls = None
@@ -83,7 +87,9 @@ def serve(*, host: str, port: int, certs: Path | None, authorized_keys: Path | N
     state.mkdir(parents=True, exist_ok=True)
     with sigterm_as_interrupt(), ProcessGroup() as group:
         argv = superlink_argv(host=host, port=port, tls=tls, auth=bool(keys), database=state / "state.db")
-        link = group.start(name="SuperLink", argv=argv, env=flower_env(state / "home"), log_path=state / "superlink.log")
+        link = group.start(
+            name="SuperLink", argv=argv, env=flower_env(state / "home"), log_path=state / "superlink.log"
+        )
         probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         wait_healthy(host=probe, port=port, ca_cert=tls.ca_cert if tls else None, child=link)
         if keys:
@@ -98,14 +104,44 @@ def serve(*, host: str, port: int, certs: Path | None, authorized_keys: Path | N
         _hold(group, link, say)
 
 
-def join(*, server: str, site: str, data: Path | None, ca: Path | None, key: Path | None, port: int,
-         state: Path, insecure: bool, say: Say) -> None:
+def submit_run(
+    *, cfg: FederationConfig, server: str, ca: Path | None, out: Path, insecure: bool, events: RunEvents
+) -> dict[str, Any]:
+    """Submit ``cfg`` to the SuperLink at ``server`` and follow it to the end."""
+    host, port = _address(server, "--server")
+    if not insecure and ca is None:
+        raise ConfigError("--ca is required unless --insecure")
+    if ca is not None:
+        require_file(ca, "CA certificate")
+    if not can_connect(host, port):
+        raise LauncherError(f"cannot reach the SuperLink at {server}: is 'dmsc-fed server' running?")
+    cli = FlowerCli(home=out / "flower" / "cli", address=server, ca_cert=None if insecure else ca)
+    return submit_and_follow(cli=cli, cfg=cfg, out=out, app=app_dir(out / "flower"), events=events)
+
+
+def _address(value: str, flag: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag} {value!r} must be HOST:PORT")
+    return host, int(port)
+
+
+def join(
+    *,
+    server: str,
+    site: str,
+    data: Path | None,
+    ca: Path | None,
+    key: Path | None,
+    port: int,
+    state: Path,
+    insecure: bool,
+    say: Say,
+) -> None:
     """Run this site's SuperNode until interrupted."""
     if not re.match(SITE_NAME_PATTERN, site):
         raise ConfigError(f"--site {site!r} must match {SITE_NAME_PATTERN}")
-    host, _, port_text = server.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise ConfigError(f"--server {server!r} must be HOST:PORT")
+    host, server_port = _address(server, "--server")
     if insecure and key is not None:
         raise ConfigError("--key needs TLS: drop --insecure or drop --key")
     if not insecure and ca is None:
@@ -117,7 +153,7 @@ def join(*, server: str, site: str, data: Path | None, ca: Path | None, key: Pat
     if data is not None:
         require_file(data, "site data file")
     ensure_free(port, what="SuperNode runtime port")
-    if not can_connect(host, int(port_text)):
+    if not can_connect(host, server_port):
         raise LauncherError(f"cannot reach the SuperLink at {server}: is 'dmsc-fed server' running and the port open?")
     state.mkdir(parents=True, exist_ok=True)
     values = {"site-name": site}
@@ -125,8 +161,10 @@ def join(*, server: str, site: str, data: Path | None, ca: Path | None, key: Pat
         values["data-path"] = str(data.resolve())
     node_cfg = write_node_config(state / "node-config.toml", values)
     with sigterm_as_interrupt(), ProcessGroup() as group:
-        argv = supernode_argv(superlink=server, port=port, ca_cert=None if insecure else ca,
-                              private_key=key, node_config=node_cfg)
-        node = group.start(name=f"SuperNode {site}", argv=argv, env=flower_env(state / "home"),
-                           log_path=state / "supernode.log")
+        argv = supernode_argv(
+            superlink=server, port=port, ca_cert=None if insecure else ca, private_key=key, node_config=node_cfg
+        )
+        node = group.start(
+            name=f"SuperNode {site}", argv=argv, env=flower_env(state / "home"), log_path=state / "supernode.log"
+        )
         _hold(group, node, say)

@@ -30,7 +30,9 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 @register("logreg")
-def logistic_regression(*, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tuple[int, int, int] | None) -> nn.Module:
+def logistic_regression(
+    *, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Multinomial logistic regression: one linear layer on flattened features."""
     return nn.Sequential(nn.Flatten(), nn.Linear(num_features, num_classes))
 
@@ -50,7 +52,9 @@ def mlp(*, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tu
 
 
 @register("cnn")
-def small_cnn(*, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tuple[int, int, int] | None) -> nn.Module:
+def small_cnn(
+    *, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Two 3x3 convolutions with GroupNorm-free ReLU blocks for 8x8 single-channel images."""
     if image_shape is None:
         raise ModelError("model 'cnn' needs image data (e.g. dataset 'digits')")

@@ -69,7 +69,7 @@ def test_duplicate_site_names() -> None:
 
 
 def test_site_name_pattern() -> None:
-    with pytest.raises(ConfigError, match="sites.0.name"):
+    with pytest.raises(ConfigError, match=r"sites\.0\.name"):
         make_config(sites=[{"name": "bad name"}])
 
 

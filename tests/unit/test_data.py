@@ -66,8 +66,13 @@ def test_csv_site_data(tmp_path: Path) -> None:
     path = _csv(tmp_path, "age,dose,label\n" + rows + "\n")
     cfg = make_config(
         sites=[{"name": "s", "data_path": str(path)}],
-        dataset={"name": "csv", "label_column": "label", "feature_columns": ["age", "dose"], "num_classes": 2,
-                 "scaling": "local"},
+        dataset={
+            "name": "csv",
+            "label_column": "label",
+            "feature_columns": ["age", "dose"],
+            "num_classes": 2,
+            "scaling": "local",
+        },
     )
     d = load_site_data(cfg=cfg, site="s")
     assert d.num_train + d.num_test == 20 and d.num_features == 2

@@ -6,17 +6,27 @@ from opacus.validators import ModuleValidator
 
 from dmsc_fed.config import ModelSpec
 from dmsc_fed.data.sources import BUNDLED_SHAPES, load_bundled
-from dmsc_fed.models import MODELS, build_model
 from dmsc_fed.errors import ModelError
+from dmsc_fed.models import MODELS, build_model
 
-CASES = [("logreg", "breast_cancer"), ("mlp", "breast_cancer"), ("logreg", "digits"), ("mlp", "digits"), ("cnn", "digits")]
+CASES = [
+    ("logreg", "breast_cancer"),
+    ("mlp", "breast_cancer"),
+    ("logreg", "digits"),
+    ("mlp", "digits"),
+    ("cnn", "digits"),
+]
 
 
 @pytest.mark.parametrize(("model", "dataset"), CASES)
 def test_models_build_run_and_are_opacus_compatible(model: str, dataset: str) -> None:
     shape = BUNDLED_SHAPES[dataset]
-    net = build_model(spec=ModelSpec(name=model), num_features=shape.num_features, num_classes=shape.num_classes,
-                      image_shape=shape.image_shape)
+    net = build_model(
+        spec=ModelSpec(name=model),
+        num_features=shape.num_features,
+        num_classes=shape.num_classes,
+        image_shape=shape.image_shape,
+    )
     out = net(torch.randn(5, shape.num_features))
     assert out.shape == (5, shape.num_classes)
     assert ModuleValidator.validate(net, strict=False) == []

@@ -44,7 +44,9 @@ def test_dirichlet_is_deterministic_disjoint_and_skewed() -> None:
 
 def test_dirichlet_impossible_min_size_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="at least 50"):
-        dirichlet_partition(labels=np.zeros(60, dtype=int), num_parts=3, alpha=0.5, rng=np.random.default_rng(0), min_size=50)
+        dirichlet_partition(
+            labels=np.zeros(60, dtype=int), num_parts=3, alpha=0.5, rng=np.random.default_rng(0), min_size=50
+        )
 
 
 def test_train_test_split_is_stratified_and_complete() -> None:

@@ -8,7 +8,10 @@ from dmsc_fed.launcher.processes import ProcessGroup, _alive
 
 
 def test_group_stops_children_and_grandchildren(tmp_path: Path) -> None:
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    script = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    )
     group = ProcessGroup()
     child = group.start(name="parent", argv=[sys.executable, "-c", script], env={}, log_path=tmp_path / "p.log")
     deadline = time.monotonic() + 10

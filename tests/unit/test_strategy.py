@@ -16,10 +16,12 @@ def _site(node: int, name: str, n: int = 100) -> SiteInfo:
 
 def _reply(node: int, w: list[float], n: int) -> Message:
     out = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(np.array(w, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": n, "loss": float(n)}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.array(w, dtype=np.float32))}),
+            "metrics": MetricRecord({"num-examples": n, "loss": float(n)}),
+        }
+    )
     return Message(content=content, reply_to=out)
 
 

@@ -6,7 +6,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from strategies import check_reply, specs_of
 
-EXPECTED = specs_of(ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32)), "b": Array(np.zeros(2, dtype=np.float32))}))
+EXPECTED = specs_of(
+    ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32)), "b": Array(np.zeros(2, dtype=np.float32))})
+)
 
 
 def reply(arrays=None, metrics=None, drop=()):
@@ -37,8 +39,10 @@ def test_good_reply_passes() -> None:
         (reply(metrics={"num-examples": 5, "loss": float("nan")}), "metric 'loss' is not finite"),
         (reply(drop=("arrays",)), "no ArrayRecord"),
         (reply(arrays={"w": np.ones((2, 3), np.float32)}), "missing parameter(s) ['b']"),
-        (reply(arrays={"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32), "x": np.ones(1, np.float32)}),
-         "unexpected parameter(s) ['x']"),
+        (
+            reply(arrays={"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32), "x": np.ones(1, np.float32)}),
+            "unexpected parameter(s) ['x']",
+        ),
         (reply(arrays={"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}), "has shape (3, 2)"),
         (reply(arrays={"w": np.ones((2, 3), np.float64), "b": np.ones(2, np.float32)}), "dtype float64"),
         (reply(arrays={"w": np.full((2, 3), np.nan, np.float32), "b": np.ones(2, np.float32)}), "non-finite"),

@@ -1,0 +1,1 @@
+"""Plain-Flower baseline app for ``benchmarks/round_overhead.py`` (kept import-free)."""

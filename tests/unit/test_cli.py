@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import fcntl
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, cli
+
+
+def _no_traceback(res) -> None:
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+
+
+def test_config_validate_prints_resolved_config() -> None:
+    res = cli("config", "validate", str(ROOT / "examples/hospital/config.toml"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["name"] == "hospital" and len(data["sites"]) == 3
+    assert data["strategy"]["round_timeout_s"] > 0  # defaults are resolved
+
+
+def test_config_validate_reports_each_bad_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('rounds = -1\ncolor = "x"\n[[sites]]\nname = "a b"\n')
+    res = cli("config", "validate", str(bad))
+    assert res.returncode == 2
+    _no_traceback(res)
+    for needle in ("rounds = -1", "color: unknown key", "sites.0.name = 'a b'"):
+        assert needle in res.stderr
+
+
+def test_run_with_missing_site_data_fails_before_starting_anything(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'rounds = 1\n[dataset]\nname = "csv"\nlabel_column = "y"\nfeature_columns = ["x"]\nnum_classes = 2\n'
+        '[[sites]]\nname = "s1"\ndata_path = "missing.csv"\n'
+    )
+    res = cli("run", str(cfg), "--out", str(tmp_path / "out"), env={"DMSC_FED_HOME": str(tmp_path)})
+    assert res.returncode == 3
+    _no_traceback(res)
+    assert "data file not found" in res.stderr and "missing.csv" in res.stderr
+    assert not (tmp_path / "out" / "flower").exists()
+
+
+def test_second_run_at_the_same_time_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run.lock").touch()
+    with (tmp_path / "run.lock").open("a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write("pid 1, writing to elsewhere")
+        fh.flush()
+        res = cli(
+            "run",
+            str(ROOT / "examples/hospital/config.toml"),
+            "--out",
+            str(tmp_path / "out"),
+            env={"DMSC_FED_HOME": str(tmp_path)},
+        )
+    assert res.returncode == 7
+    _no_traceback(res)
+    assert "another dmsc-fed run is in progress" in res.stderr
+
+
+def test_server_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = cli("server", "--port", str(port), "--insecure")
+    assert res.returncode == 6
+    _no_traceback(res)
+    assert f"127.0.0.1:{port} is already in use" in res.stderr
+
+
+def test_server_needs_certs_unless_insecure(tmp_path: Path) -> None:
+    res = cli("server", "--port", "0", "--state", str(tmp_path))
+    assert res.returncode == 2 and "--certs is required" in res.stderr
+
+
+def test_client_that_cannot_reach_the_server(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        res = cli(
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--site",
+            "a",
+            "--insecure",
+            "--port",
+            "0",
+            "--state",
+            str(tmp_path),
+        )
+    assert res.returncode == 5
+    _no_traceback(res)
+    assert "cannot reach the SuperLink" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--server", "nohost", "--site", "a", "--insecure"], "must be HOST:PORT"),
+        (["--server", "127.0.0.1:1", "--site", "a b", "--insecure"], "--site 'a b'"),
+        (["--server", "127.0.0.1:1", "--site", "a"], "--ca is required"),
+        (["--server", "127.0.0.1:1", "--site", "a", "--ca", "/nonexistent/ca.crt"], "CA certificate not found"),
+    ],
+)
+def test_client_bad_flags(args: list[str], needle: str, tmp_path: Path) -> None:
+    res = cli("client", *args, "--state", str(tmp_path))
+    assert res.returncode == 2
+    assert needle in res.stderr
+
+
+def test_keys_init(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    res = cli("keys", "init", "--out", str(out), "--sites", "h1,h2", "--host", "10.1.2.3")
+    assert res.returncode == 0, res.stderr
+    for name in ("ca.crt", "server.pem", "server.key", "nodes/h1_key", "nodes/h1_key.pub", "nodes/h2_key"):
+        assert (out / name).is_file()
+    again = cli("keys", "init", "--out", str(out), "--sites", "h3")
+    assert again.returncode == 2 and "already holds key material" in again.stderr
