@@ -87,6 +87,7 @@ def run(
 ) -> None:
     """Run a federation locally: a SuperLink and one SuperNode per site on 127.0.0.1."""
     from dmsc_fed.baseline import centralized_baseline
+    from dmsc_fed.data import describe_site
     from dmsc_fed.launcher.local import LocalFederation
     from dmsc_fed.runfiles import write_json
 
@@ -97,9 +98,11 @@ def run(
         f"model {cfg.model.name}, dataset {cfg.dataset.name} -> {out}"
     )
     started = time.time()
-    baseline = centralized_baseline(cfg=cfg)  # also checks every site's data before any process starts
+    for site in cfg.sites:  # every site's data must load before any process starts
+        describe_site(cfg=cfg, site=site.name)
     with _progress(cfg.rounds) as events:
         result = LocalFederation(cfg=cfg, out=out, insecure=insecure, events=events).run()
+    baseline = centralized_baseline(cfg=cfg)
     summary = result | {
         "centralized_baseline": {"accuracy": baseline.accuracy, "loss": baseline.loss},
         "wall_seconds": round(time.time() - started, 1),

@@ -31,6 +31,12 @@ class ModelError(DmscError):
     exit_code = 4
 
 
+class PrivacyError(DmscError):
+    """A privacy step (DP, encryption, keys, policy) cannot be applied: nothing is sent."""
+
+    exit_code = 9
+
+
 class LauncherError(DmscError):
     """Starting, connecting to or stopping Flower processes failed."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,42 @@ def make_optimizer(cfg: FederationConfig, params: list[nn.Parameter]) -> torch.o
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
+def make_loader(*, x: NDArray[np.float32], y: NDArray[np.int64], batch_size: int, seed: int) -> DataLoader[Any]:
+    """Shuffled minibatches over in-memory arrays."""
+    return DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=min(batch_size, len(y)),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def run_epochs(
+    *, model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer, epochs: int, device: torch.device
+) -> tuple[float, float, int]:
+    """Train for ``epochs``; returns mean loss, accuracy and steps of the last epoch's batches, and all steps."""
+    model.to(device).train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    for _ in range(epochs):
+        total_loss, correct, seen = 0.0, 0, 0
+        for xb, yb in loader:
+            steps += 1
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch; the step still counts
+                optimizer.step()
+                continue
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(yb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(yb)
+    return total_loss / max(seen, 1), correct / max(seen, 1), steps
+
+
 def train(
     *,
     model: nn.Module,
@@ -86,40 +123,15 @@ def train(
     device: torch.device,
     seed: int,
 ) -> FitResult:
-    """Train ``model`` for ``cfg.local_epochs`` epochs of minibatch SGD/Adam.
+    """Train ``model`` for ``cfg.local_epochs`` epochs of minibatch SGD/Adam (no DP).
 
     Returns the mean loss and accuracy over the last epoch's batches.
     """
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-        batch_size=min(cfg.batch_size, len(y)),
-        shuffle=True,
-        generator=gen,
-    )
-    model.to(device).train()
+    loader = make_loader(x=x, y=y, batch_size=cfg.batch_size, seed=seed)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(cfg.local_epochs):
-        total_loss, correct, seen = 0.0, 0, 0
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
-            opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(yb)
-            correct += int((out.argmax(1) == yb).sum())
-            seen += len(yb)
-    return FitResult(
-        loss=total_loss / max(seen, 1),
-        accuracy=correct / max(seen, 1),
-        num_examples=len(y),
-        seconds=time.perf_counter() - start,
-    )
+    loss, acc, _ = run_epochs(model=model, loader=loader, optimizer=opt, epochs=cfg.local_epochs, device=device)
+    return FitResult(loss=loss, accuracy=acc, num_examples=len(y), seconds=time.perf_counter() - start)
 
 
 @torch.no_grad()
