@@ -1,31 +1,25 @@
 """What a site does for each message: join, train, evaluate.
 
-Each handler takes the incoming records and the SuperNode's node config and
-returns the reply's records. The node config is set by the site's administrator
-on its SuperNode (``dmsc-fed client``):
-
-``site-name``
-    The site's name in the federation (required).
-``data-path``
-    The site's own CSV file, for CSV datasets.
-``device``
-    Force a torch device (default: CUDA when available, else CPU).
-``threads``
-    Cap torch's CPU threads (the local launcher sets 1: its sites share a machine).
+Each handler takes the incoming records and the SuperNode's node config (see
+:mod:`clients.context`) and returns the reply's records. The site's policy is
+checked first; privacy steps (:mod:`clients.privacy`) wrap training and the reply.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from clients.context import SiteContext
+from clients.privacy import Refusal, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
 from dmsc_fed.config import FederationConfig, config_from_json
 from dmsc_fed.data import Scaler, SiteData, describe_site, load_site_data
 from dmsc_fed.errors import ConfigError
+from dmsc_fed.privacy.policy import refusal
+from dmsc_fed.privacy.signing import Binding
 from dmsc_fed.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -35,33 +29,28 @@ from dmsc_fed.wire import (
     ROUND_KEY,
     SCALER_MEAN,
     SCALER_STD,
-    SITE_KEY,
+    STATUS_KEY,
+    TASK_ID_KEY,
     TASK_KEY,
+    WEIGHT_KEY,
+    WEIGHT_TOTAL_KEY,
 )
 
 
-def _task(content: RecordDict) -> FederationConfig:
+def _config(content: RecordDict) -> ConfigRecord:
     rec = content.get(CONFIG_KEY)
     if not isinstance(rec, ConfigRecord) or TASK_KEY not in rec:
         raise ConfigError(f"the message carries no {TASK_KEY!r} task configuration")
-    return config_from_json(str(rec[TASK_KEY]))
+    return rec
 
 
-def _site_name(node_config: dict[str, Any]) -> str:
-    name = node_config.get("site-name")
-    if not name:
-        raise ConfigError("this SuperNode has no 'site-name' in its node config (set it with dmsc-fed client --site)")
-    return str(name)
-
-
-def _data_path(node_config: dict[str, Any]) -> Path | None:
-    value = str(node_config.get("data-path", "") or "")
-    return Path(value) if value else None
+def _task(content: RecordDict) -> FederationConfig:
+    return config_from_json(str(_config(content)[TASK_KEY]))
 
 
 def _scaler(content: RecordDict) -> Scaler | None:
-    rec = content.get(CONFIG_KEY)
-    if not isinstance(rec, ConfigRecord) or SCALER_MEAN not in rec:
+    rec = _config(content)
+    if SCALER_MEAN not in rec:
         return None
     mean = np.asarray(rec[SCALER_MEAN], dtype=np.float64)
     std = np.asarray(rec[SCALER_STD], dtype=np.float64)
@@ -70,87 +59,14 @@ def _scaler(content: RecordDict) -> Scaler | None:
     return Scaler(mean=mean, std=std)
 
 
-def site_data(content: RecordDict, node_config: dict[str, Any]) -> tuple[FederationConfig, SiteData]:
-    """Return the task config and this site's data for it, scaled as the task says."""
-    cfg = _task(content)
-    data = load_site_data(
-        cfg=cfg, site=_site_name(node_config), data_path=_data_path(node_config), scaler=_scaler(content)
+def _binding(content: RecordDict, site: SiteContext, stage: str) -> Binding:
+    rec = _config(content)
+    return Binding(
+        task=str(rec.get(TASK_ID_KEY, "")),
+        round=int(cast(int, rec.get(ROUND_KEY, 0))),
+        site=site.name,
+        stage=stage,
     )
-    return cfg, data
-
-
-def _device(node_config: dict[str, Any]) -> Any:
-    """The torch device for this site; ``threads`` in the node config caps CPU threads."""
-    import torch
-
-    from dmsc_fed.training import pick_device
-
-    threads = int(node_config.get("threads", 0) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return pick_device(str(node_config.get("device", "") or "") or None)
-
-
-def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
-    """Declare the site: name, sample counts, device, version and training feature statistics."""
-    cfg = _task(content)
-    site = _site_name(node_config)
-    summary = describe_site(cfg=cfg, site=site, data_path=_data_path(node_config))
-    record = ConfigRecord(
-        {
-            "site": site,
-            "num-train": summary.num_train,
-            "num-test": summary.num_test,
-            "device": str(_device(node_config)),
-            "version": __version__,
-        }
-    )
-    stats = summary.stats
-    if stats is not None:
-        record["feature-count"] = stats.count
-        record["feature-sum"] = stats.total.tolist()
-        record["feature-sumsq"] = stats.total_sq.tolist()
-    return RecordDict({JOIN_KEY: record})
-
-
-def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
-    """Train the received global model on the site's training split."""
-    from dmsc_fed.training import model_for, train
-
-    cfg, data = site_data(content, node_config)
-    model = model_for(cfg)
-    model.load_state_dict(_arrays(content).to_torch_state_dict())
-    server_round = int(content[CONFIG_KEY].get(ROUND_KEY, 0))  # type: ignore[arg-type]
-    fit = train(
-        model=model,
-        x=data.x_train,
-        y=data.y_train,
-        cfg=cfg,
-        device=_device(node_config),
-        seed=cfg.seed * 100_003 + server_round * 101 + cfg.site_index(data.site),
-    )
-    arrays = ArrayRecord(model.cpu().state_dict())
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES_KEY: fit.num_examples,
-            "loss": fit.loss,
-            "accuracy": fit.accuracy,
-            "train-time-s": fit.seconds,
-        }
-    )
-    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": data.site})})
-
-
-def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
-    """Evaluate the received global model on the site's held-out test split."""
-    from dmsc_fed.training import evaluate, model_for
-
-    cfg, data = site_data(content, node_config)
-    model = model_for(cfg)
-    model.load_state_dict(_arrays(content).to_torch_state_dict())
-    res = evaluate(model=model, x=data.x_test, y=data.y_test, device=_device(node_config))
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy})
-    return RecordDict({METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": data.site})})
 
 
 def _arrays(content: RecordDict) -> ArrayRecord:
@@ -158,3 +74,97 @@ def _arrays(content: RecordDict) -> ArrayRecord:
     if not isinstance(arrays, ArrayRecord):
         raise ConfigError(f"the message carries no model parameters under {ARRAYS_KEY!r}")
     return arrays
+
+
+def _refused(reason: str, metrics: dict[str, float] | None = None) -> RecordDict:
+    content = RecordDict({STATUS_KEY: ConfigRecord({"refused": reason})})
+    if metrics:
+        values: dict[str, int | float | list[int] | list[float]] = dict(metrics)
+        content[METRICS_KEY] = MetricRecord(values)
+    return content
+
+
+def _prepare(content: RecordDict, node_config: dict[str, Any]) -> tuple[FederationConfig, SiteContext, str | None]:
+    cfg = _task(content)
+    site = SiteContext.from_node_config(node_config)
+    return cfg, site, refusal(site.policy, cfg)
+
+
+def _load(cfg: FederationConfig, site: SiteContext, content: RecordDict) -> SiteData:
+    return load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
+
+
+def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
+    """Declare the site (name, sample counts, device, version, feature statistics), or refuse the task."""
+    cfg, site, refused = _prepare(content, node_config)
+    if refused is not None:
+        return RecordDict({JOIN_KEY: ConfigRecord({"site": site.name, "refused": refused})})
+    summary = describe_site(cfg=cfg, site=site.name, data_path=site.data_path)
+    record = ConfigRecord(
+        {
+            "site": site.name,
+            "num-train": summary.num_train,
+            "num-test": summary.num_test,
+            "device": str(site.torch_device()),
+            "version": __version__,
+        }
+    )
+    if summary.stats is not None:
+        record["feature-count"] = summary.stats.count
+        record["feature-sum"] = summary.stats.total.tolist()
+        record["feature-sumsq"] = summary.stats.total_sq.tolist()
+    return RecordDict({JOIN_KEY: record})
+
+
+def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
+    """Train the received global model on the site's training split and return the sealed, signed update."""
+    from dmsc_fed.training import model_for
+
+    cfg, site, refused = _prepare(content, node_config)
+    binding = _binding(content, site, "train")
+    if refused is not None:
+        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
+    data = _load(cfg, site, content)
+    model = model_for(cfg)
+    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    seed = cfg.seed * 100_003 + binding.round * 101 + cfg.site_index(site.name)
+    outcome = fit(
+        model=model, cfg=cfg, data=data, site=site, task_id=binding.task, server_round=binding.round, seed=seed
+    )
+    if isinstance(outcome, Refusal):
+        return sign_reply(_refused(outcome.reason, outcome.metrics), cfg=cfg, site=site, binding=binding)
+    result, privacy_metrics = outcome
+    total = float(_config(content).get(WEIGHT_TOTAL_KEY, 0) or 0)  # type: ignore[arg-type]
+    weight = result.num_examples / total if total > 0 else 1.0
+    metrics: dict[str, float | int] = {
+        NUM_EXAMPLES_KEY: result.num_examples,
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "train-time-s": result.seconds,
+        **privacy_metrics,
+    }
+    if cfg.privacy.encryption != "off":
+        metrics[WEIGHT_KEY] = weight
+    reply = RecordDict(
+        {
+            ARRAYS_KEY: seal_update(model=model, cfg=cfg, site=site, weight=weight),
+            METRICS_KEY: MetricRecord(metrics),  # type: ignore[arg-type]
+        }
+    )
+    return sign_reply(reply, cfg=cfg, site=site, binding=binding)
+
+
+def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
+    """Evaluate the received global model on the site's held-out test split."""
+    from dmsc_fed.training import evaluate, model_for
+
+    cfg, site, refused = _prepare(content, node_config)
+    binding = _binding(content, site, "evaluate")
+    if refused is not None:
+        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
+    data = _load(cfg, site, content)
+    model = model_for(cfg)
+    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    res = evaluate(model=model, x=data.x_test, y=data.y_test, device=site.torch_device())
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy})
+    return sign_reply(RecordDict({METRICS_KEY: metrics}), cfg=cfg, site=site, binding=binding)

@@ -7,7 +7,6 @@ exit code; a user mistake never shows a traceback.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from datetime import datetime
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dmsc_fed.config import load_config
+from dmsc_fed.config import FederationConfig, load_config
 from dmsc_fed.errors import DmscError
 
 if TYPE_CHECKING:
@@ -70,13 +69,30 @@ def _progress(rounds: int) -> Iterator[RunEvents]:
         progress.update(bar, description="done")
 
 
-def _final_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
-    table = Table(title=title)
+def _report(cfg: FederationConfig, result: dict[str, Any], *, baseline: dict[str, Any] | None) -> None:
+    """Print the final accuracy table and, with DP, each site's privacy spend."""
+    table = Table(title=f"{cfg.name}: test accuracy on the sites' held-out splits")
     for col, justify in (("model", "left"), ("accuracy", "right"), ("loss", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for name, metrics in rows:
-        table.add_row(name, _fmt(metrics.get("accuracy")), _fmt(metrics.get("loss")))
+    fm = result["final_metrics"]
+    privacy = " + ".join(
+        x for x in ("DP" if cfg.privacy.dp == "on" else "", "HE" if cfg.privacy.encryption != "off" else "") if x
+    )
+    name = f"federated ({result['rounds_completed']} rounds{', ' + privacy if privacy else ''})"
+    table.add_row(name, _fmt(fm.get("accuracy")), _fmt(fm.get("loss")))
+    if baseline is not None:
+        table.add_row(
+            "centralized (pooled data, no privacy)", _fmt(baseline.get("accuracy")), _fmt(baseline.get("loss"))
+        )
     console.print(table)
+    if cfg.privacy.dp == "on":
+        for site, info in result["sites"].items():
+            console.print(
+                f"  {site}: epsilon {info.get('epsilon', 0.0):.3f} at delta {cfg.privacy.delta:g}"
+                + (f"  (stopped: {info['stopped']})" if info.get("stopped") else "")
+            )
+    if result.get("ended_early"):
+        console.print(f"[yellow]ended early:[/] {result['ended_early']}")
 
 
 @app.command("run")
@@ -109,13 +125,7 @@ def run(
         "secure_transport": not insecure,
     }
     write_json(out / "summary.json", summary)
-    _final_table(
-        f"{cfg.name}: test accuracy on the sites' held-out splits",
-        [
-            (f"federated ({summary['rounds_completed']} rounds)", summary["final_metrics"]),
-            ("centralized (pooled data)", summary["centralized_baseline"]),
-        ],
-    )
+    _report(cfg, summary, baseline=summary["centralized_baseline"])
     console.print(f"run directory: {out}  ({summary['wall_seconds']}s)")
 
 
@@ -123,23 +133,20 @@ def run(
 def submit(
     config: Annotated[Path, typer.Argument(help="Federation config (TOML).")],
     server: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")],
-    ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+    keys: Annotated[Path | None, typer.Option(help="The server/ folder of 'dmsc-fed keys init'.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory on the SuperLink's machine.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (testing only).")] = False,
 ) -> None:
-    """Submit a run to a SuperLink started with 'dmsc-fed server' and follow it to the end."""
+    """Submit a task to a SuperLink started with 'dmsc-fed server' and follow it to the end."""
     from dmsc_fed.launcher.remote import submit_run
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
     out = out or _default_out(cfg.name)
     with _progress(cfg.rounds) as events:
-        result = submit_run(cfg=cfg, server=server, ca=ca, out=out, insecure=insecure, events=events)
+        result = submit_run(cfg=cfg, server=server, keys=keys, out=out, insecure=insecure, events=events)
     write_json(out / "summary.json", result | {"secure_transport": not insecure})
-    _final_table(
-        f"{cfg.name}: test accuracy on the sites' held-out splits",
-        [(f"federated ({result['rounds_completed']} rounds)", result["final_metrics"])],
-    )
+    _report(cfg, result, baseline=None)
     console.print(f"run directory: {out}")
 
 
@@ -151,12 +158,7 @@ def _default_out(name: str) -> Path:
 def server(
     port: Annotated[int, typer.Option(help="Port of the SuperLink (Fleet, Control and Runtime APIs).")] = 9092,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for all interfaces.")] = "127.0.0.1",
-    certs: Annotated[
-        Path | None, typer.Option(help="Directory from 'dmsc-fed keys init' (ca.crt, server.pem, server.key).")
-    ] = None,
-    authorized_keys: Annotated[
-        Path | None, typer.Option("--authorized-keys", help="Directory of site public keys (*.pub) to register.")
-    ] = None,
+    keys: Annotated[Path | None, typer.Option(help="The server/ folder of 'dmsc-fed keys init'.")] = None,
     state: Annotated[Path, typer.Option(help="Directory for the SuperLink database and logs.")] = Path(
         "superlink-state"
     ),
@@ -167,26 +169,20 @@ def server(
     """Start the coordinator's SuperLink for a multi-machine deployment and keep it running."""
     from dmsc_fed.launcher.remote import serve
 
-    serve(
-        host=host,
-        port=port,
-        certs=certs,
-        authorized_keys=authorized_keys,
-        state=state,
-        insecure=insecure,
-        say=console.print,
-    )
+    serve(host=host, port=port, keys=keys, state=state, insecure=insecure, say=console.print)
 
 
 @app.command("client")
 def client(
     server: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")],
     site: Annotated[str, typer.Option(help="This site's name in the federation config.")],
+    keys: Annotated[
+        Path | None, typer.Option(help="This site's folder (sites/SITE) from 'dmsc-fed keys init'.")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="This site's CSV file (for csv datasets).")] = None,
-    ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
-    key: Annotated[Path | None, typer.Option(help="This site's SuperNode private key (SITE_key).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="This site's privacy policy (TOML).")] = None,
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
-    state: Annotated[Path, typer.Option(help="Directory for the SuperNode's state and logs.")] = Path(
+    state: Annotated[Path, typer.Option(help="Directory for the site's privacy ledger and logs.")] = Path(
         "supernode-state"
     ),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (testing only).")] = False,
@@ -197,9 +193,9 @@ def client(
     join(
         server=server,
         site=site,
+        keys=keys,
         data=data,
-        ca=ca,
-        key=key,
+        policy=policy,
         port=port,
         state=state,
         insecure=insecure,
@@ -214,12 +210,26 @@ def keys_init(
     host: Annotated[
         list[str] | None, typer.Option(help="Address sites use to reach the SuperLink (repeatable).")
     ] = None,
+    he_profile: Annotated[str, typer.Option(help="CKKS parameter profile.")] = "add-128",
 ) -> None:
-    """Create a CA, a SuperLink certificate and one SuperNode key pair per site."""
-    from dmsc_fed.launcher.remote import init_keys
+    """Create a federation's keys: TLS, SuperNode keys, signing keys, CKKS contexts."""
+    from dmsc_fed.security.provision import provision
 
-    made = init_keys(out=out, sites=[s.strip() for s in sites.split(",") if s.strip()], hosts=host or [])
-    console.print_json(json.dumps({k: str(v) for k, v in made.items()}))
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    provision(out=out, sites=names, hosts=host or [], he_profile=he_profile)
+    console.print(f"key material for {names} in {out}: give server/ to the coordinator and sites/SITE to each site")
+
+
+@keys_app.command("add-site")
+def keys_add_site(
+    out: Annotated[Path, typer.Option(help="The directory 'dmsc-fed keys init' created.")],
+    site: Annotated[str, typer.Option(help="The new site's name.")],
+) -> None:
+    """Add a site to an existing federation without touching the other sites' keys."""
+    from dmsc_fed.security.provision import add_site
+
+    made = add_site(out=out, site=site)
+    console.print(f"key material for {site} in {made}; restart 'dmsc-fed server' to register its SuperNode key")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,12 +48,16 @@ class SiteSpec(_Frozen):
         deployment the site passes it to ``dmsc-fed client --data`` instead.
     pool
         The resource pool the site belongs to (``cpu`` or ``gpu``).
+    policy
+        The site's privacy policy file, for local runs (a real site passes it
+        to ``dmsc-fed client --policy``).
 
     """
 
     name: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
     data_path: Path | None = None
     pool: Literal["cpu", "gpu"] = "cpu"
+    policy: Path | None = None
 
 
 class DatasetSpec(_Frozen):
@@ -124,15 +128,42 @@ class StrategySpec(_Frozen):
 
 
 class PrivacySpec(_Frozen):
-    """Privacy settings of the task (a site's own policy can only tighten them).
+    """Privacy settings the task asks for. A site's own policy can only tighten them.
 
-    This version trains without DP-SGD and without encryption; the section is
-    validated so that a config asking for them fails loudly instead of silently
-    running without privacy.
+    ``dp = "on"`` trains with DP-SGD (Opacus) at every site, with either a fixed
+    ``noise_multiplier`` or a ``target_epsilon`` that each site reaches over the
+    planned rounds (the site calibrates its own noise to its data size). Each
+    site stops training once its next round would take its spend for this task
+    past ``epsilon_budget`` (default: ``target_epsilon``). ``encryption = "ckks"``
+    encrypts every update with TenSEAL CKKS before it leaves the site; the server
+    only adds ciphertexts.
     """
 
-    dp: Literal["off"] = "off"
-    encryption: Literal["off"] = "off"
+    dp: Literal["off", "on"] = "off"
+    noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    target_epsilon: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    epsilon_budget: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    encryption: Literal["off", "ckks"] = "off"
+    he_profile: str = "add-128"
+
+    @model_validator(mode="after")
+    def _dp_settings(self) -> PrivacySpec:
+        given = [k for k in ("noise_multiplier", "target_epsilon", "epsilon_budget") if getattr(self, k) is not None]
+        if self.dp == "off":
+            if given:
+                raise ValueError(f"{given} apply only with dp = 'on'")
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("dp = 'on' needs exactly one of noise_multiplier or target_epsilon")
+        return self
+
+    @property
+    def budget(self) -> float | None:
+        """The per-site epsilon budget of this task (None: only the site's policy bounds it)."""
+        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
 class SegmentationSpec(_Frozen):
@@ -222,9 +253,13 @@ def parse_config(*, data: dict[str, Any], source: str = "config", base_dir: Path
         raise ConfigError(_format_errors(err, source)) from None
     if base_dir is not None:
         sites = [
-            s.model_copy(update={"data_path": (base_dir / s.data_path).resolve()})
-            if s.data_path is not None and not s.data_path.is_absolute()
-            else s
+            s.model_copy(
+                update={
+                    key: (base_dir / value).resolve()
+                    for key in ("data_path", "policy")
+                    if (value := getattr(s, key)) is not None and not value.is_absolute()
+                }
+            )
             for s in cfg.sites
         ]
         cfg = cfg.model_copy(update={"sites": sites})

@@ -8,6 +8,10 @@ Run configuration keys (``[tool.flwr.app.config]``):
     A TOML config, relative to the app root, used when ``dmsc-config`` is empty.
 ``out-dir``
     Where to write the run directory on the server's machine ("" for none).
+``keys-dir``
+    The server's key material (``server/`` of ``dmsc-fed keys init``): site
+    signing keys and the CKKS context without secret key. Required for tasks
+    with DP or encryption; when set, every update must be signed.
 """
 
 from __future__ import annotations
@@ -23,4 +27,4 @@ def main(grid: Grid, context: Context) -> None:
     """Run one federated training task."""
     from server.loop import run_federation
 
-    run_federation(grid=grid, run_config=dict(context.run_config))
+    run_federation(grid=grid, run_config=dict(context.run_config), run_id=context.run_id)

@@ -32,6 +32,7 @@ class Joined:
 
     sites: dict[int, SiteInfo]
     stats: dict[int, FeatureStats]
+    refused: dict[str, str]  # site name -> why it refused the task
 
 
 def _stats(rec: ConfigRecord) -> FeatureStats | None:
@@ -44,13 +45,23 @@ def _stats(rec: ConfigRecord) -> FeatureStats | None:
     return FeatureStats(count=int(rec["feature-count"]), total=total, total_sq=total_sq)  # type: ignore[arg-type]
 
 
-def _parse(msg: Message) -> tuple[SiteInfo, FeatureStats | None] | str:
+@dataclass(frozen=True)
+class Refused:
+    """A site that declined the task (its policy forbids it)."""
+
+    site: str
+    reason: str
+
+
+def _parse(msg: Message) -> tuple[SiteInfo, FeatureStats | None] | Refused | str:
     node = msg.metadata.src_node_id
     if msg.has_error():
         return f"node {node} failed to join: {msg.error.reason}"
     rec = msg.content.get(JOIN_KEY)
     if not isinstance(rec, ConfigRecord):
         return f"node {node} sent no {JOIN_KEY!r} record"
+    if "refused" in rec:
+        return Refused(site=str(rec.get("site")), reason=str(rec["refused"]))
     try:
         info = SiteInfo(
             name=str(rec["site"]),
@@ -79,10 +90,11 @@ def discover_sites(*, grid: Grid, cfg: FederationConfig, timeout_s: float) -> Jo
     wanted = {s.name for s in cfg.sites}
     members: dict[int, SiteInfo] = {}
     stats: dict[int, FeatureStats] = {}
+    refused: dict[str, str] = {}
     asked: set[int] = set()
     deadline = time.monotonic() + timeout_s
     record = RecordDict({CONFIG_KEY: ConfigRecord({TASK_KEY: cfg.to_json()})})
-    while time.monotonic() < deadline and {s.name for s in members.values()} != wanted:
+    while time.monotonic() < deadline and {s.name for s in members.values()} | set(refused) != wanted:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if not new:
             time.sleep(POLL_S)
@@ -93,6 +105,10 @@ def discover_sites(*, grid: Grid, cfg: FederationConfig, timeout_s: float) -> Jo
             parsed = _parse(reply)
             if isinstance(parsed, str):
                 log.warning("join: %s", parsed)
+                continue
+            if isinstance(parsed, Refused):
+                log.warning("join: site %r refused the task: %s", parsed.site, parsed.reason)
+                refused[parsed.site] = parsed.reason
                 continue
             info, site_stats = parsed
             if info.name not in wanted:
@@ -117,6 +133,7 @@ def discover_sites(*, grid: Grid, cfg: FederationConfig, timeout_s: float) -> Jo
     if len(members) < cfg.min_sites:
         raise RunFailedError(
             f"only {len(members)} of {len(wanted)} sites joined within {timeout_s:.0f}s "
-            f"(joined: {joined}; missing: {sorted(wanted - set(joined))}); {cfg.min_sites} needed"
+            f"(joined: {joined}; refused: {refused}; missing: {sorted(wanted - set(joined) - set(refused))}); "
+            f"{cfg.min_sites} needed"
         )
-    return Joined(sites=members, stats=stats)
+    return Joined(sites=members, stats=stats, refused=refused)

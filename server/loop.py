@@ -1,7 +1,8 @@
 """The server's round loop: load the task config, let sites join, train, write results.
 
 The loop itself is Flower's (``Strategy.start``); this module wires our
-strategy to it and records what happened in the run directory.
+strategy to it, plugs in signature verification and encrypted aggregation when
+the task asks for them, and records what happened in the run directory.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from dmsc_fed import __version__
 from dmsc_fed.config import FederationConfig, config_from_json, load_config
 from dmsc_fed.data.scaling import fit_scaler
 from dmsc_fed.errors import ConfigError, RunFailedError
-from dmsc_fed.runfiles import append_jsonl, save_model, write_json
+from dmsc_fed.runfiles import append_jsonl, save_encrypted_model, save_model, write_json
+from dmsc_fed.security.provision import ServerKeys
+from dmsc_fed.sites import SiteInfo
 from dmsc_fed.training import model_for
-from dmsc_fed.wire import SCALER_MEAN, SCALER_STD, TASK_KEY
+from dmsc_fed.wire import CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY, SCALER_MEAN, SCALER_STD, TASK_ID_KEY, TASK_KEY
 from server.join import discover_sites
-from strategies import STRATEGIES, RoundReport, WeightedFedAvg
+from strategies import STRATEGIES, EncryptedFedAvg, ReplyCheck, RoundReport, TaskFinished, WeightedFedAvg
 
 log = logging.getLogger("dmsc_fed.server")
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +59,61 @@ def task_config(run_config: dict[str, Any]) -> FederationConfig:
     return load_config(path=path if path.is_absolute() else APP_ROOT / path)
 
 
-def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
+def _server_keys(cfg: FederationConfig, run_config: dict[str, Any]) -> ServerKeys | None:
+    keys_dir = str(run_config.get("keys-dir", "") or "")
+    if keys_dir:
+        return ServerKeys.load(Path(keys_dir))
+    if cfg.privacy.dp == "on" or cfg.privacy.encryption != "off":
+        raise ConfigError(
+            "the task asks for privacy, which needs the server's key material: set the run config 'keys-dir' "
+            "(the server/ folder of 'dmsc-fed keys init')"
+        )
+    return None
+
+
+def signature_check(keys: ServerKeys, task_id: str) -> ReplyCheck:
+    """A reply check that verifies each site's signature and its binding to task, round and stage."""
+    from dmsc_fed.privacy.signing import Binding, verify
+
+    verify_keys = keys.verify_keys()
+
+    def check(site: SiteInfo, content: RecordDict, stage: str, server_round: int) -> str | None:
+        key = verify_keys.get(site.name)
+        if key is None:
+            return f"no public signing key for site {site.name!r} in {keys.directory}"
+        return verify(content, expected=Binding(task=task_id, round=server_round, site=site.name, stage=stage), key=key)
+
+    return check
+
+
+def _strategy(
+    cfg: FederationConfig, keys: ServerKeys | None, initial: ArrayRecord, **kwargs: Any
+) -> tuple[WeightedFedAvg, dict[str, Any] | None]:
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"strategy {cfg.strategy.name!r} is not available; built-in: {sorted(STRATEGIES)}")
+    if cfg.privacy.encryption == "off":
+        return STRATEGIES[cfg.strategy.name].for_model(initial=initial, **kwargs), None
+    from dmsc_fed.privacy.he import ciphertext_bytes_limit, get_profile, load_public_context
+
+    assert keys is not None
+    if keys.he_profile != cfg.privacy.he_profile:
+        raise ConfigError(
+            f"privacy.he_profile = {cfg.privacy.he_profile!r}, but the federation's keys were made with "
+            f"{keys.he_profile!r}"
+        )
+    profile = get_profile(keys.he_profile)
+    ctx = load_public_context(keys.he_public.read_bytes())  # fails if a secret key is present
+    strategy = EncryptedFedAvg.for_encrypted_model(
+        initial=initial,
+        public_context=ctx,
+        slots=profile.slots,
+        max_chunk_bytes=ciphertext_bytes_limit(profile),
+        **kwargs,
+    )
+    return strategy, profile.describe()
+
+
+def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -> dict[str, Any]:
     """Run one federated training task to completion and return its result."""
     out_value = str(run_config.get("out-dir", "") or "")
     out = Path(out_value) if out_value else None
@@ -64,15 +121,17 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
     cfg = task_config(run_config)
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"strategy {cfg.strategy.name!r} is not available; built-in: {sorted(STRATEGIES)}")
+    keys = _server_keys(cfg, run_config)
+    task_id = f"{cfg.name}/{run_id}"
     log.info(
-        "task %r: %d rounds, %d sites, model %s, dataset %s",
-        cfg.name,
+        "task %r: %d rounds, %d sites, model %s, dataset %s, dp %s, encryption %s",
+        task_id,
         cfg.rounds,
         len(cfg.sites),
         cfg.model.name,
         cfg.dataset.name,
+        cfg.privacy.dp,
+        cfg.privacy.encryption,
     )
     if out is not None:
         write_json(out / "config.json", cfg.model_dump(mode="json"))
@@ -82,34 +141,37 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if out is not None:
         write_json(out / "sites.json", [s.to_dict() for s in sites.values()])
 
-    model = model_for(cfg, seed=cfg.seed)
-    initial = ArrayRecord(model.state_dict())
+    initial = ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict())
 
     def on_round(report: RoundReport) -> None:
         row = report.to_dict()
         log.info(
-            "round %d/%d: loss=%s accuracy=%s sites=%s rejected=%d (%.1fs)",
+            "round %d/%d: loss=%s accuracy=%s sites=%s rejected=%d refused=%d (%.1fs)",
             report.round,
             cfg.rounds,
             _fmt(row["loss"]),
             _fmt(row["accuracy"]),
             report.train_sites,
             len(report.rejected),
+            len(report.refused),
             report.seconds,
         )
         if out is not None:
             append_jsonl(out / "metrics.jsonl", row)
 
-    strategy = WeightedFedAvg.for_model(
-        initial=initial,
+    strategy, he_params = _strategy(
+        cfg,
+        keys,
+        initial,
         sites=sites,
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_sites=min(cfg.min_sites, len(sites)),
         on_round=on_round,
+        reply_check=signature_check(keys, task_id) if keys is not None else None,
         seed=cfg.seed,
     )
-    task = ConfigRecord({TASK_KEY: cfg.to_json()})
+    task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
     if joined.stats:
         if len(joined.stats) != len(sites):
             raise RunFailedError("federated scaling needs feature statistics from every site; some sent none")
@@ -122,36 +184,86 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             len(joined.stats),
         )
     started = time.time()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.rounds,
-        timeout=cfg.strategy.round_timeout_s,
-        train_config=task,
-        evaluate_config=ConfigRecord(dict(task)),
-    )
-    outcome = _outcome(cfg, strategy, sites, time.time() - started)
+    ended_early = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.rounds,
+            timeout=cfg.strategy.round_timeout_s,
+            train_config=task,
+            evaluate_config=ConfigRecord(dict(task)),
+        )
+    except TaskFinished as done:
+        ended_early = str(done)
+        log.warning("task ended before its last round: %s", done)
+    outcome = _outcome(cfg, strategy, joined.refused, time.time() - started, he_params, ended_early)
     if out is not None:
-        save_model(out, {k: a.numpy() for k, a in result.arrays.items()})
+        _save_final(out, strategy.current or initial)
         write_json(out / "result.json", outcome)
     if outcome["rounds_completed"] == 0:
-        raise RunFailedError("no round completed: every training reply was rejected or missing")
+        raise RunFailedError("no round completed: every training reply was rejected, refused or missing")
     return outcome
 
 
-def _outcome(cfg: FederationConfig, strategy: WeightedFedAvg, sites: dict[int, Any], seconds: float) -> dict[str, Any]:
+def _save_final(out: Path, arrays: ArrayRecord) -> None:
+    values = {k: a.numpy() for k, a in arrays.items()}
+    if CT_WEIGHT in arrays:
+        save_encrypted_model(out, values)  # the server cannot decrypt it; a site can
+    else:
+        save_model(out, values)
+
+
+def _outcome(
+    cfg: FederationConfig,
+    strategy: WeightedFedAvg,
+    refused_at_join: dict[str, str],
+    seconds: float,
+    he_params: dict[str, Any] | None,
+    ended_early: str | None,
+) -> dict[str, Any]:
     reports = strategy.reports
     last_eval = next((r.evaluate for r in reversed(reports) if r.evaluate), {})
+    sites: dict[str, Any] = {}
+    for s in strategy.sites.values():
+        last = _last_site_metrics(reports, s.name)
+        entry = s.to_dict() | {"final": last}
+        if cfg.privacy.dp == "on":
+            train = _last_train(reports, s.name)
+            entry["epsilon"] = train.get(EPSILON_KEY, 0.0)
+            entry["epsilon_site_total"] = train.get(EPSILON_TOTAL_KEY, 0.0)
+            entry["delta"] = cfg.privacy.delta
+        if s.node_id in strategy.retired:
+            entry["stopped"] = strategy.retired[s.node_id]
+        sites[s.name] = entry
     return {
         "name": cfg.name,
         "version": __version__,
         "rounds_planned": cfg.rounds,
         "rounds_completed": sum(r.aggregated for r in reports),
+        "ended_early": ended_early,
         "final_metrics": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss")},
-        "sites": {s.name: s.to_dict() | {"final": _last_site_metrics(reports, s.name)} for s in sites.values()},
+        "sites": sites,
+        "refused_at_join": refused_at_join,
         "rejected": [r | {"round": rep.round} for rep in reports for r in rep.rejected],
+        "refused": [r | {"round": rep.round} for rep in reports for r in rep.refused],
+        "privacy": {
+            "dp": cfg.privacy.dp,
+            "delta": cfg.privacy.delta if cfg.privacy.dp == "on" else None,
+            "accountant": cfg.privacy.accountant if cfg.privacy.dp == "on" else None,
+            "encryption": cfg.privacy.encryption,
+            "he_params": he_params,
+            "signed_updates": strategy.reply_check is not None,
+        },
         "seconds": round(seconds, 2),
     }
+
+
+def _last_train(reports: list[RoundReport], site: str) -> dict[str, float]:
+    for r in reversed(reports):
+        if "train" in r.per_site.get(site, {}):
+            return r.per_site[site]["train"]
+    return {}
 
 
 def _last_site_metrics(reports: list[RoundReport], site: str) -> dict[str, dict[str, float]]:

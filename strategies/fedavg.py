@@ -24,10 +24,25 @@ from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from dmsc_fed.sites import SiteInfo
-from dmsc_fed.wire import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from dmsc_fed.wire import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    ROUND_KEY,
+    STATUS_KEY,
+    WEIGHT_TOTAL_KEY,
+)
 from strategies.validation import ArraySpec, check_reply, specs_of
 
 log = logging.getLogger("dmsc_fed.strategy")
+
+#: ``(site, content, stage, server_round) -> reason or None``: a check every reply must pass
+#: before its content is looked at (the server plugs signature verification in here).
+ReplyCheck = Callable[[SiteInfo, RecordDict, str, int], "str | None"]
+
+
+class TaskFinished(Exception):
+    """Raised by a strategy when no site can train any more (for example, every budget is spent)."""
 
 
 def weighted_average(
@@ -82,6 +97,7 @@ class RoundReport:
     evaluate_sites: list[str] = field(default_factory=list)
     per_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
     aggregated: bool = False
     seconds: float = 0.0
 
@@ -98,6 +114,7 @@ class RoundReport:
             "evaluate_sites": self.evaluate_sites,
             "per_site": self.per_site,
             "rejected": self.rejected,
+            "refused": self.refused,
             "seconds": round(self.seconds, 3),
         }
 
@@ -118,6 +135,8 @@ class WeightedFedAvg(FedAvg):
         At least this many sites are sampled each round.
     on_round
         Called with the :class:`RoundReport` at the end of every round.
+    reply_check
+        Run on every reply before validation (e.g. signature verification).
     seed
         Seeds the site sampling.
 
@@ -132,6 +151,7 @@ class WeightedFedAvg(FedAvg):
         fraction_evaluate: float = 1.0,
         min_sites: int = 1,
         on_round: Callable[[RoundReport], None] | None = None,
+        reply_check: ReplyCheck | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -146,8 +166,11 @@ class WeightedFedAvg(FedAvg):
         self.sites = dict(sites)
         self.expected_arrays = dict(expected_arrays)
         self.on_round = on_round
+        self.reply_check = reply_check
         self.rng = random.Random(seed)
         self.reports: list[RoundReport] = []
+        self.retired: dict[int, str] = {}  # sites that refused to train for good (budget spent), with the reason
+        self.current: ArrayRecord | None = None  # the latest global model
 
     @classmethod
     def for_model(cls, *, initial: ArrayRecord, **kwargs: Any) -> WeightedFedAvg:
@@ -155,25 +178,36 @@ class WeightedFedAvg(FedAvg):
         return cls(expected_arrays=specs_of(initial), **kwargs)
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+    def _sample(self, grid: Grid, fraction: float, minimum: int, *, training: bool) -> list[int]:
         connected = set(grid.get_node_ids())
-        members = sorted(n for n in self.sites if n in connected)
+        members = sorted(n for n in self.sites if n in connected and not (training and n in self.retired))
         k = min(len(members), max(minimum, round(len(members) * fraction)))
         return sorted(self.rng.sample(members, k))
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
     ) -> list[Message]:
-        config["server-round"] = server_round
+        config[ROUND_KEY] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model to a sample of member sites for training."""
+        """Send the global model to a sample of member sites for training.
+
+        Raises
+        ------
+        TaskFinished
+            When every member site has retired (e.g. spent its privacy budget).
+
+        """
+        self.current = arrays
+        if self.sites and len(self.retired) == len(self.sites):
+            raise TaskFinished(f"no site can train any more: {sorted(self.retired_reasons())}")
         self.reports.append(RoundReport(round=server_round))
-        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, training=True)
+        config[WEIGHT_TOTAL_KEY] = sum(self.sites[n].num_train for n in nodes)
         log.info("round %d: training on %s", server_round, [self.sites[n].name for n in nodes])
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
 
@@ -181,12 +215,25 @@ class WeightedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the new global model to a sample of member sites for evaluation on their test splits."""
+        self.current = arrays
         if self.fraction_evaluate == 0.0:
             return []
-        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, training=False)
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
-    # --------------------------------------------------------------- aggregation
+    def retired_reasons(self) -> list[str]:
+        """``"site: reason"`` for every site that stopped training."""
+        return [f"{self.sites[n].name}: {why}" for n, why in self.retired.items()]
+
+    # --------------------------------------------------------------- validation
+    def check_train(self, site: SiteInfo, content: RecordDict, server_round: int) -> str | None:
+        """Why a training reply must be left out (None if it may be aggregated)."""
+        return check_reply(content, max_examples=site.num_train, expected_arrays=self.expected_arrays)
+
+    def check_evaluate(self, site: SiteInfo, content: RecordDict) -> str | None:
+        """Why an evaluation reply must be left out (None if it may be counted)."""
+        return check_reply(content, max_examples=site.num_test)
+
     def _report(self, server_round: int) -> RoundReport:
         if not self.reports or self.reports[-1].round != server_round:
             self.reports.append(RoundReport(round=server_round))
@@ -195,6 +242,7 @@ class WeightedFedAvg(FedAvg):
     def _accept(
         self, replies: Iterable[Message], *, train: bool, report: RoundReport
     ) -> list[tuple[SiteInfo, RecordDict]]:
+        stage = "train" if train else "evaluate"
         accepted: list[tuple[SiteInfo, RecordDict]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -206,13 +254,21 @@ class WeightedFedAvg(FedAvg):
             elif msg.has_error():
                 reason = f"site reported an error: {msg.error.reason}"
             else:
-                reason = check_reply(
-                    msg.content,
-                    max_examples=site.num_train if train else site.num_test,
-                    expected_arrays=self.expected_arrays if train else None,
-                )
+                reason = self.reply_check(site, msg.content, stage, report.round) if self.reply_check else None
+                if reason is None and _refusal(msg.content) is not None:
+                    why = str(_refusal(msg.content))
+                    log.warning("round %d: %s refused to %s: %s", report.round, name, stage, why)
+                    report.refused.append({"site": name, "stage": stage, "reason": why})
+                    if train:
+                        self.retired[node] = why
+                    continue
+                if reason is None:
+                    reason = (
+                        self.check_train(site, msg.content, report.round)
+                        if train
+                        else self.check_evaluate(site, msg.content)
+                    )
             if reason is not None:
-                stage = "train" if train else "evaluate"
                 log.warning("round %d: %s reply from %s left out: %s", report.round, stage, name, reason)
                 report.rejected.append({"site": name, "stage": stage, "reason": reason})
                 continue
@@ -220,25 +276,32 @@ class WeightedFedAvg(FedAvg):
             accepted.append((site, msg.content))
         return accepted
 
+    # --------------------------------------------------------------- aggregation
+    def aggregate_arrays(self, accepted: list[tuple[SiteInfo, RecordDict]]) -> ArrayRecord:
+        """The new global model from the accepted replies: their average weighted by sample count."""
+        weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+        updates = [{k: a.numpy() for k, a in c[ARRAYS_KEY].items()} for _, c in accepted]  # type: ignore[union-attr]
+        averaged = weighted_average(updates, weights)
+        return ArrayRecord({k: Array(v) for k, v in averaged.items()})
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, then average the accepted ones weighted by sample count."""
+        """Validate each reply, then aggregate the accepted ones."""
         report = self._report(server_round)
         accepted = self._accept(replies, train=True, report=report)
         if not accepted:
             log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
             return None, None
+        arrays = self.aggregate_arrays(accepted)
         weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
-        updates = [{k: a.numpy() for k, a in c[ARRAYS_KEY].items()} for _, c in accepted]  # type: ignore[union-attr]
-        averaged = weighted_average(updates, weights)
-        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
         site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
         report.train = weighted_metrics(site_metrics, weights)
         report.train_sites = [s.name for s, _ in accepted]
         for (site, _), m in zip(accepted, site_metrics, strict=True):
             report.per_site.setdefault(site.name, {})["train"] = m
         report.aggregated = True
+        self.current = arrays
         return arrays, _record(report.train)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -260,12 +323,20 @@ class WeightedFedAvg(FedAvg):
     def summary(self) -> None:
         """Log the strategy's settings."""
         log.info(
-            "WeightedFedAvg: %d member sites, fraction_train=%.2f, fraction_evaluate=%.2f, min sites=%d",
+            "%s: %d member sites, fraction_train=%.2f, fraction_evaluate=%.2f, min sites=%d",
+            type(self).__name__,
             len(self.sites),
             self.fraction_train,
             self.fraction_evaluate,
             self.min_train_nodes,
         )
+
+
+def _refusal(content: RecordDict) -> str | None:
+    rec = content.get(STATUS_KEY)
+    if isinstance(rec, ConfigRecord) and "refused" in rec:
+        return str(rec["refused"])
+    return None
 
 
 def _record(metrics: Mapping[str, float]) -> MetricRecord:

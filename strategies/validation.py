@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from dmsc_fed.wire import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from dmsc_fed.wire import ARRAYS_KEY, CT_PREFIX, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,49 @@ def check_reply(
     if reason is None and expected_arrays is not None:
         reason = _check_arrays(content, expected_arrays)
     return reason
+
+
+def check_encrypted_reply(
+    content: RecordDict,
+    *,
+    max_examples: int,
+    num_chunks: int,
+    max_chunk_bytes: int,
+    weight_total: float,
+) -> str | None:
+    """Return why an encrypted training reply must not be aggregated, or ``None``.
+
+    With encryption on, the server cannot look at parameters; it checks what it
+    can: the sample count, that the arrays are exactly ``num_chunks`` ciphertext
+    chunks (1-D ``uint8``, none larger than ``max_chunk_bytes``) and nothing else,
+    and that the plaintext weight the site applied is its sample count over
+    ``weight_total`` (the sampled sites' declared total), so no site can inflate
+    its share.
+    """
+    reason = _check_metrics(content, max_examples)
+    if reason is not None:
+        return reason
+    arrays = content.get(ARRAYS_KEY)
+    if not isinstance(arrays, ArrayRecord):
+        return f"no ArrayRecord under {ARRAYS_KEY!r}"
+    expected = {f"{CT_PREFIX}{i:05d}" for i in range(num_chunks)}
+    if set(arrays) != expected:
+        plain = sorted(k for k in arrays if not k.startswith(CT_PREFIX))
+        if plain:
+            return f"plaintext parameter(s) {plain[:3]} in an encrypted task"
+        return f"expected {num_chunks} ciphertext chunks, got {len(arrays)}"
+    for key in sorted(arrays):
+        arr = arrays[key]
+        if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
+            return f"chunk {key!r} is not a 1-D uint8 ciphertext (dtype {arr.dtype}, shape {tuple(arr.shape)})"
+        if arr.shape[0] > max_chunk_bytes:
+            return f"chunk {key!r} has {arr.shape[0]} bytes, more than the {max_chunk_bytes} a ciphertext can take"
+    metrics = content[METRICS_KEY]
+    assert isinstance(metrics, MetricRecord)  # checked by _check_metrics
+    weight = metrics.get(WEIGHT_KEY)
+    if not isinstance(weight, float | int) or isinstance(weight, bool) or not math.isfinite(float(weight)):
+        return f"metric {WEIGHT_KEY!r} must be a finite number, got {weight!r}"
+    n = cast(int, metrics[NUM_EXAMPLES_KEY])
+    if weight_total <= 0 or abs(float(weight) - n / weight_total) > 1e-9:
+        return f"weight {weight} does not match {n} samples of the round's {weight_total:g}"
+    return None

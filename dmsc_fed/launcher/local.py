@@ -33,7 +33,9 @@ from dmsc_fed.launcher.flower import (
 from dmsc_fed.launcher.ports import free_port
 from dmsc_fed.launcher.processes import Child, ProcessGroup
 from dmsc_fed.launcher.runs import RunEvents, submit_and_follow
-from dmsc_fed.security.pki import create_node_keys, create_tls
+from dmsc_fed.runfiles import ENCRYPTED_MODEL, decrypt_model_file, save_model
+from dmsc_fed.security.pki import TlsFiles
+from dmsc_fed.security.provision import ServerKeys, SiteKeys, provision
 
 HOST = "127.0.0.1"
 APP_PYPROJECT = """\
@@ -53,6 +55,7 @@ clientapp = "clients.app:app"
 dmsc-config = ""
 config-file = ""
 out-dir = ""
+keys-dir = ""
 """
 
 
@@ -133,10 +136,12 @@ class LocalFederation:
     def __post_init__(self) -> None:
         self.work = self.out / "flower"
         self.logs = self.out / "logs"
+        self.keys = self.work / "keys"
 
     # ---------------------------------------------------------------- startup
     def _start_superlink(self, group: ProcessGroup, port: int) -> tuple[Child, Path | None]:
-        tls = None if self.insecure else create_tls(directory=self.work / "certs")
+        server = ServerKeys.load(self.keys / "server")
+        tls = None if self.insecure else TlsFiles(server.ca_cert, server.server_cert, server.server_key)
         argv = superlink_argv(
             host=HOST, port=port, tls=tls, auth=not self.insecure, database=self.work / "superlink" / "state.db"
         )
@@ -150,14 +155,21 @@ class LocalFederation:
     def _start_sites(self, group: ProcessGroup, cli: FlowerCli, superlink: str, ca: Path | None) -> list[Child]:
         children = []
         for site in self.cfg.sites:
+            keys = SiteKeys.load(self.keys / "sites" / site.name)
             key = None
             if not self.insecure:
-                keys = create_node_keys(directory=self.work / "certs" / "nodes", site=site.name)
-                cli.register(keys.public, site.name)
-                key = keys.private
-            values = {"site-name": site.name, "threads": "1"}
+                cli.register(keys.directory / "supernode.pub", site.name)
+                key = keys.supernode_key
+            values = {
+                "site-name": site.name,
+                "threads": "1",
+                "keys-dir": str(keys.directory.resolve()),
+                "state-dir": str((self.work / "sites" / "state").resolve()),
+            }
             if site.data_path is not None:
                 values["data-path"] = str(site.data_path)
+            if site.policy is not None:
+                values["policy"] = str(site.policy)
             node_cfg = write_node_config(self.work / "sites" / f"{site.name}.toml", values)
             argv = supernode_argv(
                 superlink=superlink, port=free_port(), ca_cert=ca, private_key=key, node_config=node_cfg
@@ -186,12 +198,26 @@ class LocalFederation:
             time.sleep(1.0)
         raise LauncherError(f"only {online} of {want} SuperNodes came online within {self.startup_timeout_s:.0f}s")
 
+    def _decrypt_final_model(self) -> None:
+        """With encryption on, decrypt the final model as a site would, so the run directory has model.pt."""
+        encrypted = self.out / ENCRYPTED_MODEL
+        if not encrypted.exists():
+            return
+        from dmsc_fed.training import model_for
+
+        site = SiteKeys.load(self.keys / "sites" / self.cfg.sites[0].name)
+        reference = {k: v.numpy() for k, v in model_for(self.cfg).state_dict().items()}
+        state = decrypt_model_file(path=encrypted, secret_context=site.he_secret.read_bytes(), reference=reference)
+        save_model(self.out, state)
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         """Start everything, run the task, write the run directory, stop everything."""
         self.out.mkdir(parents=True, exist_ok=True)
         with run_lock(self.out), sigterm_as_interrupt(), ProcessGroup() as group:
             try:
+                self.events.on_stage("creating the federation's keys")
+                provision(out=self.keys, sites=[s.name for s in self.cfg.sites], he_profile=self.cfg.privacy.he_profile)
                 port = free_port()
                 mode = "insecure" if self.insecure else "TLS + SuperNode auth"
                 self.events.on_stage(f"starting SuperLink on {HOST}:{port} ({mode})")
@@ -205,14 +231,17 @@ class LocalFederation:
                     if link.popen.poll() is not None:
                         raise LauncherError(f"the SuperLink exited during the run:\n{tail(link.log_path)}")
 
-                return submit_and_follow(
+                result = submit_and_follow(
                     cli=cli,
                     cfg=self.cfg,
                     out=self.out,
                     app=app_dir(self.work),
                     events=self.events,
                     check_alive=check_alive,
+                    keys_dir=(self.keys / "server").resolve(),
                 )
+                self._decrypt_final_model()
+                return result
             except KeyboardInterrupt:
                 raise Interrupted("interrupted (Ctrl-C); all processes stopped") from None
             finally:

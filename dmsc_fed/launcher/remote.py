@@ -1,8 +1,8 @@
 """The two sides of a multi-machine deployment, each started on its own machine.
 
-* ``dmsc-fed keys init`` (coordinator): CA, SuperLink certificate, site key pairs.
+* ``dmsc-fed keys init`` (coordinator): all key material (:mod:`dmsc_fed.security.provision`).
 * ``dmsc-fed server`` (coordinator): a SuperLink with TLS and SuperNode
-  authentication; it registers the sites' public keys it is given.
+  authentication; it registers the sites' SuperNode keys.
 * ``dmsc-fed client`` (each site): a SuperNode that names its site and its data.
 * ``dmsc-fed submit`` (coordinator): submits a task and follows it round by round.
 
@@ -32,27 +32,11 @@ from dmsc_fed.launcher.local import app_dir, sigterm_as_interrupt
 from dmsc_fed.launcher.ports import can_connect, ensure_free
 from dmsc_fed.launcher.processes import Child, ProcessGroup
 from dmsc_fed.launcher.runs import RunEvents, submit_and_follow
-from dmsc_fed.security.pki import TlsFiles, create_node_keys, create_tls, require_file
+from dmsc_fed.privacy.policy import load_policy
+from dmsc_fed.security.pki import TlsFiles, require_file
+from dmsc_fed.security.provision import ServerKeys, SiteKeys
 
 Say = Callable[[str], None]
-
-
-def init_keys(*, out: Path, sites: list[str], hosts: list[str]) -> dict[str, Path]:
-    """Create the federation's transport key material under ``out``."""
-    if not sites:
-        raise ConfigError("--sites needs at least one site name")
-    for site in sites:
-        if not re.match(SITE_NAME_PATTERN, site):
-            raise ConfigError(f"site name {site!r} must match {SITE_NAME_PATTERN}")
-    if (out / "ca.crt").exists():
-        raise ConfigError(f"{out} already holds key material (ca.crt); use a new directory")
-    tls = create_tls(directory=out, hosts=hosts)
-    made: dict[str, Path] = {"ca_cert": tls.ca_cert, "server_cert": tls.server_cert, "server_key": tls.server_key}
-    for site in sites:
-        keys = create_node_keys(directory=out / "nodes", site=site)
-        made[f"{site}_private_key"] = keys.private
-        made[f"{site}_public_key"] = keys.public
-    return made
 
 
 def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
@@ -65,58 +49,61 @@ def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
     raise LauncherError(f"{main.name} exited with code {main.popen.returncode}:\n{tail(main.log_path)}")
 
 
-def serve(
-    *, host: str, port: int, certs: Path | None, authorized_keys: Path | None, state: Path, insecure: bool, say: Say
-) -> None:
-    """Run a SuperLink until interrupted."""
+def serve(*, host: str, port: int, keys: Path | None, state: Path, insecure: bool, say: Say) -> None:
+    """Run a SuperLink until interrupted; registers every site's SuperNode key found in ``keys``."""
     ensure_free(port, host=host, what="SuperLink port")
-    tls = None
-    if not insecure:
-        if certs is None:
-            raise ConfigError("--certs is required unless --insecure (create it with 'dmsc-fed keys init')")
-        tls = TlsFiles(
-            ca_cert=require_file(certs / "ca.crt", "CA certificate"),
-            server_cert=require_file(certs / "server.pem", "server certificate"),
-            server_key=require_file(certs / "server.key", "server key"),
-        )
-    elif authorized_keys is not None:
-        raise ConfigError("--authorized-keys needs TLS: SuperNode authentication cannot run with --insecure")
-    keys = sorted(authorized_keys.glob("*.pub")) if authorized_keys else []
-    if authorized_keys is not None and not keys:
-        raise ConfigError(f"no site public keys (*.pub) in {authorized_keys}")
+    server = None
+    if keys is not None:
+        server = ServerKeys.load(keys)
+    elif not insecure:
+        raise ConfigError("--keys is required unless --insecure (the server/ folder of 'dmsc-fed keys init')")
+    tls = None if insecure or server is None else TlsFiles(server.ca_cert, server.server_cert, server.server_key)
+    nodes = server.supernode_keys() if server is not None and tls is not None else {}
+    if tls is not None and not nodes:
+        raise ConfigError(f"no site SuperNode keys in {keys}/supernodes: add sites with 'dmsc-fed keys add-site'")
     state.mkdir(parents=True, exist_ok=True)
     with sigterm_as_interrupt(), ProcessGroup() as group:
-        argv = superlink_argv(host=host, port=port, tls=tls, auth=bool(keys), database=state / "state.db")
+        argv = superlink_argv(host=host, port=port, tls=tls, auth=bool(nodes), database=state / "state.db")
         link = group.start(
             name="SuperLink", argv=argv, env=flower_env(state / "home"), log_path=state / "superlink.log"
         )
         probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        wait_healthy(host=probe, port=port, ca_cert=tls.ca_cert if tls else None, child=link)
-        if keys:
-            cli = FlowerCli(home=state / "cli", address=f"{probe}:{port}", ca_cert=tls.ca_cert if tls else None)
+        ca = tls.ca_cert if tls else None
+        wait_healthy(host=probe, port=port, ca_cert=ca, child=link)
+        if nodes:
+            cli = FlowerCli(home=state / "cli", address=f"{probe}:{port}", ca_cert=ca)
             registered = {str(n.get("name", "")) for n in cli.nodes()}
-            for pub in keys:
-                name = pub.name.removesuffix(".pub").removesuffix("_key")
-                if name in registered:
-                    continue
-                node_id = cli.register(pub, name)
-                say(f"registered site {name} as node {node_id}")
+            for name, pub in nodes.items():
+                if name not in registered:
+                    say(f"registered site {name} as node {cli.register(pub, name)}")
         _hold(group, link, say)
 
 
 def submit_run(
-    *, cfg: FederationConfig, server: str, ca: Path | None, out: Path, insecure: bool, events: RunEvents
+    *, cfg: FederationConfig, server: str, keys: Path | None, out: Path, insecure: bool, events: RunEvents
 ) -> dict[str, Any]:
-    """Submit ``cfg`` to the SuperLink at ``server`` and follow it to the end."""
+    """Submit ``cfg`` to the SuperLink at ``server`` and follow it to the end.
+
+    ``keys`` is the server's key folder on this (the coordinator's) machine: its
+    CA certificate secures the connection, and the ServerApp verifies the
+    sites' signatures and aggregates ciphertexts with it.
+    """
     host, port = _address(server, "--server")
-    if not insecure and ca is None:
-        raise ConfigError("--ca is required unless --insecure")
-    if ca is not None:
-        require_file(ca, "CA certificate")
+    server_keys = ServerKeys.load(keys) if keys is not None else None
+    if server_keys is None and not insecure:
+        raise ConfigError("--keys is required unless --insecure (the server/ folder of 'dmsc-fed keys init')")
     if not can_connect(host, port):
         raise LauncherError(f"cannot reach the SuperLink at {server}: is 'dmsc-fed server' running?")
-    cli = FlowerCli(home=out / "flower" / "cli", address=server, ca_cert=None if insecure else ca)
-    return submit_and_follow(cli=cli, cfg=cfg, out=out, app=app_dir(out / "flower"), events=events)
+    ca = None if insecure or server_keys is None else server_keys.ca_cert
+    cli = FlowerCli(home=out / "flower" / "cli", address=server, ca_cert=ca)
+    return submit_and_follow(
+        cli=cli,
+        cfg=cfg,
+        out=out,
+        app=app_dir(out / "flower"),
+        events=events,
+        keys_dir=server_keys.directory.resolve() if server_keys else None,
+    )
 
 
 def _address(value: str, flag: str) -> tuple[str, int]:
@@ -130,9 +117,9 @@ def join(
     *,
     server: str,
     site: str,
+    keys: Path | None,
     data: Path | None,
-    ca: Path | None,
-    key: Path | None,
+    policy: Path | None,
     port: int,
     state: Path,
     insecure: bool,
@@ -142,27 +129,32 @@ def join(
     if not re.match(SITE_NAME_PATTERN, site):
         raise ConfigError(f"--site {site!r} must match {SITE_NAME_PATTERN}")
     host, server_port = _address(server, "--server")
-    if insecure and key is not None:
-        raise ConfigError("--key needs TLS: drop --insecure or drop --key")
-    if not insecure and ca is None:
-        raise ConfigError("--ca is required unless --insecure")
-    if ca is not None:
-        require_file(ca, "CA certificate")
-    if key is not None:
-        require_file(key, "SuperNode private key")
+    site_keys = SiteKeys.load(keys) if keys is not None else None
+    if site_keys is None and not insecure:
+        raise ConfigError("--keys is required unless --insecure (this site's folder from 'dmsc-fed keys init')")
     if data is not None:
         require_file(data, "site data file")
+    if policy is not None:
+        load_policy(policy)  # a bad policy is an error now, not at the first task
     ensure_free(port, what="SuperNode runtime port")
     if not can_connect(host, server_port):
         raise LauncherError(f"cannot reach the SuperLink at {server}: is 'dmsc-fed server' running and the port open?")
     state.mkdir(parents=True, exist_ok=True)
-    values = {"site-name": site}
+    values = {"site-name": site, "state-dir": str(state.resolve())}
+    if site_keys is not None:
+        values["keys-dir"] = str(site_keys.directory.resolve())
     if data is not None:
         values["data-path"] = str(data.resolve())
+    if policy is not None:
+        values["policy"] = str(policy.resolve())
     node_cfg = write_node_config(state / "node-config.toml", values)
     with sigterm_as_interrupt(), ProcessGroup() as group:
         argv = supernode_argv(
-            superlink=server, port=port, ca_cert=None if insecure else ca, private_key=key, node_config=node_cfg
+            superlink=server,
+            port=port,
+            ca_cert=None if insecure or site_keys is None else site_keys.ca_cert,
+            private_key=None if insecure or site_keys is None else site_keys.supernode_key,
+            node_config=node_cfg,
         )
         node = group.start(
             name=f"SuperNode {site}", argv=argv, env=flower_env(state / "home"), log_path=state / "supernode.log"

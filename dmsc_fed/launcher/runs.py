@@ -54,16 +54,19 @@ def submit_and_follow(
     app: Path,
     events: RunEvents,
     check_alive: Callable[[], None] = lambda: None,
+    keys_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Submit ``cfg`` as a run of the Flower App ``app`` and wait for it to finish.
 
     The ServerApp writes the run directory ``out`` (a path on the SuperLink's
-    machine); the run's logs are saved to ``out/logs/run.log``. On failure or
+    machine); the run's logs are saved to ``out/logs/run.log``. ``keys_dir`` is
+    the server's key material on the SuperLink's machine. On failure or
     interruption the run is stopped on the SuperLink.
     """
     out.mkdir(parents=True, exist_ok=True)
     overrides = out / "run-config.toml"
-    overrides.write_text(f"dmsc-config = {json.dumps(cfg.to_json())}\nout-dir = {json.dumps(str(out.resolve()))}\n")
+    values = {"dmsc-config": cfg.to_json(), "out-dir": str(out.resolve()), "keys-dir": str(keys_dir or "")}
+    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     events.on_stage("submitting the run")
     run_id = cli.submit(app_dir=app, run_config=overrides)
     events.on_stage(f"run {run_id}: training {cfg.rounds} rounds")

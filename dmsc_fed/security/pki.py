@@ -70,8 +70,12 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def create_tls(*, directory: Path, hosts: list[str] | None = None) -> TlsFiles:
-    """Create a CA and a server certificate for ``hosts`` under ``directory``."""
+def create_tls(*, directory: Path, hosts: list[str] | None = None, ca_key_dir: Path | None = None) -> TlsFiles:
+    """Create a CA and a server certificate for ``hosts`` under ``directory``.
+
+    The CA's private key goes to ``ca_key_dir`` (default: ``directory``); keep it
+    offline, it is needed only to issue new certificates.
+    """
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
@@ -119,7 +123,7 @@ def create_tls(*, directory: Path, hosts: list[str] | None = None) -> TlsFiles:
     pem = serialization.Encoding.PEM
     write_public(files.ca_cert, ca_cert.public_bytes(pem))
     write_secret(
-        directory / "ca.key",
+        (ca_key_dir or directory) / "ca.key",
         ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
     write_public(files.server_cert, srv_cert.public_bytes(pem))

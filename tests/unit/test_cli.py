@@ -74,9 +74,18 @@ def test_server_port_in_use() -> None:
     assert f"127.0.0.1:{port} is already in use" in res.stderr
 
 
-def test_server_needs_certs_unless_insecure(tmp_path: Path) -> None:
+def test_server_needs_keys_unless_insecure(tmp_path: Path) -> None:
     res = cli("server", "--port", "0", "--state", str(tmp_path))
-    assert res.returncode == 2 and "--certs is required" in res.stderr
+    assert res.returncode == 2 and "--keys is required" in res.stderr
+
+
+def test_server_refuses_a_keys_folder_holding_the_ckks_secret(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    assert cli("keys", "init", "--out", str(out), "--sites", "h1").returncode == 0
+    (out / "server" / "he-secret.ctx").write_bytes((out / "he-secret.ctx").read_bytes())
+    res = cli("server", "--port", "0", "--keys", str(out / "server"), "--state", str(tmp_path / "s"))
+    assert res.returncode == 9
+    assert "must never hold it" in res.stderr
 
 
 def test_client_that_cannot_reach_the_server(tmp_path: Path) -> None:
@@ -101,25 +110,46 @@ def test_client_that_cannot_reach_the_server(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "code"),
     [
-        (["--server", "nohost", "--site", "a", "--insecure"], "must be HOST:PORT"),
-        (["--server", "127.0.0.1:1", "--site", "a b", "--insecure"], "--site 'a b'"),
-        (["--server", "127.0.0.1:1", "--site", "a"], "--ca is required"),
-        (["--server", "127.0.0.1:1", "--site", "a", "--ca", "/nonexistent/ca.crt"], "CA certificate not found"),
+        (["--server", "nohost", "--site", "a", "--insecure"], "must be HOST:PORT", 2),
+        (["--server", "127.0.0.1:1", "--site", "a b", "--insecure"], "--site 'a b'", 2),
+        (["--server", "127.0.0.1:1", "--site", "a"], "--keys is required", 2),
+        (["--server", "127.0.0.1:1", "--site", "a", "--keys", "/nonexistent"], "CA certificate not found", 2),
+        (
+            ["--server", "127.0.0.1:1", "--site", "a", "--insecure", "--policy", "/nonexistent.toml"],
+            "site policy file not found",
+            9,
+        ),
     ],
 )
-def test_client_bad_flags(args: list[str], needle: str, tmp_path: Path) -> None:
+def test_client_bad_flags(args: list[str], needle: str, code: int, tmp_path: Path) -> None:
     res = cli("client", *args, "--state", str(tmp_path))
-    assert res.returncode == 2
+    assert res.returncode == code, res.stderr
     assert needle in res.stderr
 
 
-def test_keys_init(tmp_path: Path) -> None:
+def test_keys_init_and_add_site(tmp_path: Path) -> None:
     out = tmp_path / "keys"
     res = cli("keys", "init", "--out", str(out), "--sites", "h1,h2", "--host", "10.1.2.3")
     assert res.returncode == 0, res.stderr
-    for name in ("ca.crt", "server.pem", "server.key", "nodes/h1_key", "nodes/h1_key.pub", "nodes/h2_key"):
-        assert (out / name).is_file()
+    for name in (
+        "ca.crt",
+        "server/server.pem",
+        "server/he-public.ctx",
+        "server/signing/h1.pub",
+        "server/supernodes/h2.pub",
+        "sites/h1/signing.key",
+        "sites/h1/he-secret.ctx",
+        "sites/h2/supernode.key",
+    ):
+        assert (out / name).is_file(), name
+    before = {p: p.read_bytes() for p in (out / "sites").rglob("*") if p.is_file()}
     again = cli("keys", "init", "--out", str(out), "--sites", "h3")
     assert again.returncode == 2 and "already holds key material" in again.stderr
+    added = cli("keys", "add-site", "--out", str(out), "--site", "h3")
+    assert added.returncode == 0, added.stderr
+    assert (out / "sites/h3/signing.key").is_file() and (out / "server/signing/h3.pub").is_file()
+    assert all(p.read_bytes() == data for p, data in before.items())  # the others' material is untouched
+    dup = cli("keys", "add-site", "--out", str(out), "--site", "h3")
+    assert dup.returncode == 2 and "already has key material" in dup.stderr

@@ -50,7 +50,10 @@ def test_config_is_frozen(cfg) -> None:
         ("[dataset]\nalpha = -1.0\n", "dataset.alpha = -1.0"),
         ("[strategy]\nmin_sites = 5\n", "min_sites = 5"),
         ("[strategy]\nname = 'fedsomething'\n", "unknown strategy 'fedsomething'"),
-        ("[privacy]\ndp = 'on'\n", "privacy.dp = 'on'"),
+        ("[privacy]\ndp = 'maybe'\n", "privacy.dp = 'maybe'"),
+        ("[privacy]\ndp = 'on'\n", "needs exactly one of noise_multiplier or target_epsilon"),
+        ("[privacy]\nnoise_multiplier = 1.0\n", "apply only with dp = 'on'"),
+        ("[privacy]\nencryption = 'paillier'\n", "privacy.encryption = 'paillier'"),
     ],
 )
 def test_bad_values_name_field_value_and_reason(tmp_path: Path, extra: str, needle: str) -> None:

@@ -1,0 +1,162 @@
+"""Privacy wrappers around what a site does: DP-SGD within budget, encryption, signatures.
+
+Each wrapper fails closed: if DP, encryption or signing cannot be applied, it
+raises, the ClientApp replies with an error, and no update leaves the site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from torch import nn
+
+from clients.context import SiteContext
+from dmsc_fed.config import FederationConfig
+from dmsc_fed.data import SiteData
+from dmsc_fed.errors import PrivacyError
+from dmsc_fed.privacy import dp
+from dmsc_fed.privacy.signing import Binding, load_signing_key, sign
+from dmsc_fed.training import FitResult, train
+from dmsc_fed.wire import CT_PREFIX, CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY
+
+LEDGER_FILE = "privacy-ledger.json"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The site will not train this round, and why."""
+
+    reason: str
+    metrics: dict[str, float]
+
+
+def _he_context(site: SiteContext) -> Any:
+    from dmsc_fed.privacy.he import load_secret_context
+
+    if site.keys is None:
+        raise PrivacyError("the task uses encryption but this site has no key material (keys-dir)")
+    return load_secret_context(site.keys.he_secret.read_bytes())
+
+
+def is_encrypted(arrays: ArrayRecord) -> bool:
+    """Whether a global model arrived as CKKS ciphertexts."""
+    return CT_WEIGHT in arrays
+
+
+def open_global(arrays: ArrayRecord, *, model: nn.Module, site: SiteContext) -> dict[str, Any]:
+    """The global model's state dict, decrypting it if it arrived encrypted."""
+    if not is_encrypted(arrays):
+        return dict(arrays.to_torch_state_dict())
+    import torch
+
+    from dmsc_fed.privacy.he import decrypt, flatten, unflatten
+
+    weight = float(arrays[CT_WEIGHT].numpy()[0])
+    if not np.isfinite(weight) or weight <= 0:
+        raise PrivacyError(f"the encrypted global model carries an invalid weight {weight!r}")
+    chunks = [arrays[k].numpy().tobytes() for k in sorted(arrays) if k.startswith(CT_PREFIX) and k != CT_WEIGHT]
+    reference = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    _, layout = flatten(reference)
+    vector = decrypt(ctx=_he_context(site), chunks=chunks, length=layout.size) / weight
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in unflatten(vector, layout).items()}
+
+
+def seal_update(*, model: nn.Module, cfg: FederationConfig, site: SiteContext, weight: float) -> ArrayRecord:
+    """The update to send: plaintext arrays, or CKKS ciphertexts of ``weight * parameters``."""
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    if cfg.privacy.encryption == "off":
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    from dmsc_fed.privacy.he import encrypt, flatten
+
+    vector, _ = flatten(state)
+    chunks = encrypt(ctx=_he_context(site), values=vector * weight)
+    return ArrayRecord({f"{CT_PREFIX}{i:05d}": Array(np.frombuffer(c, dtype=np.uint8)) for i, c in enumerate(chunks)})
+
+
+def sign_reply(content: RecordDict, *, cfg: FederationConfig, site: SiteContext, binding: Binding) -> RecordDict:
+    """Sign ``content`` with the site's key; without keys, only a task with no privacy settings may go unsigned."""
+    if site.keys is None:
+        if cfg.privacy.dp == "on" or cfg.privacy.encryption != "off":
+            raise PrivacyError("the task asks for privacy but this site has no key material to sign its updates")
+        return content
+    sign(content, binding=binding, key=load_signing_key(site.keys.signing_key))
+    return content
+
+
+def _plan(cfg: FederationConfig, data: SiteData, site: SiteContext) -> tuple[float, float, int]:
+    p = cfg.privacy
+    rate = dp.sample_rate(num_train=data.num_train, batch_size=cfg.batch_size)
+    steps = dp.steps_per_round(num_train=data.num_train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs)
+    if p.noise_multiplier is not None:
+        sigma = p.noise_multiplier
+    else:
+        assert p.target_epsilon is not None
+        sigma = dp.calibrate_noise(
+            target_epsilon=p.target_epsilon, delta=p.delta, rate=rate, steps=steps * cfg.rounds, accountant=p.accountant
+        )
+    return sigma, rate, steps
+
+
+def fit(
+    *,
+    model: nn.Module,
+    cfg: FederationConfig,
+    data: SiteData,
+    site: SiteContext,
+    task_id: str,
+    server_round: int,
+    seed: int,
+) -> tuple[FitResult, dict[str, float]] | Refusal:
+    """Train this round: plain SGD, or DP-SGD if the task asks, within the task's and the site's budgets."""
+    p = cfg.privacy
+    if p.dp == "off":
+        return train(model=model, x=data.x_train, y=data.y_train, cfg=cfg, device=site.torch_device(), seed=seed), {}
+    ledger = dp.PrivacyLedger(site.state_dir / LEDGER_FILE)
+    own = [e for e in ledger.entries if e.task == task_id]
+    spent = dp.epsilon_of(own, delta=p.delta, accountant=p.accountant)
+    spent_site = ledger.epsilon(delta=p.delta, accountant=p.accountant)
+    sigma, rate, steps = _plan(cfg, data, site)
+    now = {EPSILON_KEY: spent, EPSILON_TOTAL_KEY: spent_site}
+    if sigma < site.policy.min_noise_multiplier:
+        return Refusal(
+            f"noise multiplier {sigma:.3f} is below the site's minimum {site.policy.min_noise_multiplier}", now
+        )
+    entry = dp.LedgerEntry(task=task_id, round=server_round, noise_multiplier=sigma, sample_rate=rate, steps=steps)
+    after = dp.epsilon_of([*own, entry], delta=p.delta, accountant=p.accountant)
+    budget = p.budget
+    if budget is not None and after > budget * (1 + 1e-3):
+        return Refusal(f"privacy budget: this round would take epsilon to {after:.3f} > the task's {budget:g}", now)
+    cap = site.policy.max_epsilon
+    after_site = ledger.epsilon(delta=p.delta, accountant=p.accountant, extra=entry)
+    if cap is not None and after_site > cap * (1 + 1e-3):
+        return Refusal(f"privacy budget: this round would take the site's epsilon to {after_site:.3f} > {cap:g}", now)
+    result, done = dp.train_private(
+        model=model,
+        x=data.x_train,
+        y=data.y_train,
+        cfg=cfg,
+        device=site.torch_device(),
+        seed=seed,
+        noise_multiplier=sigma,
+        max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant,
+    )
+    ledger.record(
+        dp.LedgerEntry(
+            task=task_id,
+            round=server_round,
+            noise_multiplier=done.noise_multiplier,
+            sample_rate=done.sample_rate,
+            steps=done.steps,
+        )
+    )
+    spent = dp.epsilon_of([e for e in ledger.entries if e.task == task_id], delta=p.delta, accountant=p.accountant)
+    return result, {
+        EPSILON_KEY: spent,
+        EPSILON_TOTAL_KEY: ledger.epsilon(delta=p.delta, accountant=p.accountant),
+        "delta": p.delta,
+        "noise-multiplier": sigma,
+    }
