@@ -35,6 +35,25 @@ app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 
 console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dmsc_fed import __version__
+
+        console.print(f"dmsc-fed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Federated, privacy-preserving training on Flower."""
+
+
 err_console = Console(stderr=True, soft_wrap=True)
 
 

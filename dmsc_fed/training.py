@@ -7,6 +7,7 @@ available and on the CPU otherwise.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,13 @@ def make_loader(*, x: NDArray[np.float32], y: NDArray[np.int64], batch_size: int
 
 
 def run_epochs(
-    *, model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer, epochs: int, device: torch.device
+    *,
+    model: nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    device: torch.device,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> tuple[float, float, int]:
     """Train for ``epochs``; returns mean loss, accuracy and steps of the last epoch's batches, and all steps."""
     model.to(device).train()
@@ -101,8 +108,10 @@ def run_epochs(
             steps += 1
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
-            if len(yb) == 0:  # Poisson sampling can draw an empty batch; the step still counts
-                optimizer.step()
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch; the (noisy) step still counts
+                if on_empty_batch is None:
+                    raise RuntimeError("empty batch without an on_empty_batch handler")
+                on_empty_batch()
                 continue
             out = model(xb)
             loss = loss_fn(out, yb)

@@ -31,6 +31,9 @@ from dmsc_fed.errors import PrivacyError
 from dmsc_fed.training import FitResult
 
 ACCOUNTANTS = ("rdp", "prv")
+#: Per-sample gradients through torch's expanded weights: the same gradients as Opacus's
+#: default hooks (checked in the tests) at about half the cost on the CNN.
+GRAD_SAMPLE_MODE = "ew"
 
 
 @dataclass(frozen=True)
@@ -166,11 +169,25 @@ def train_private(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
+            grad_sample_mode=GRAD_SAMPLE_MODE,
         )
     except Exception as err:
         raise PrivacyError(f"Opacus could not make the model private: {err}") from None
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def empty_batch_step() -> None:
+        # An empty Poisson batch has no per-sample gradients; the step still clips nothing and adds noise.
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+        private_opt.step()
+
     loss, acc, _ = run_epochs(
-        model=private_model, loader=private_loader, optimizer=private_opt, epochs=cfg.local_epochs, device=device
+        model=private_model,
+        loader=private_loader,
+        optimizer=private_opt,
+        epochs=cfg.local_epochs,
+        device=device,
+        on_empty_batch=empty_batch_step,
     )
     history = engine.accountant.history
     if not history:

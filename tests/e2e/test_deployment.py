@@ -59,6 +59,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     assert cli("keys", "init", "--out", str(keys), "--sites", "east,west").returncode == 0
+    server_keys = keys / "server"
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -67,10 +68,8 @@ def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
                 "server",
                 "--port",
                 str(port),
-                "--certs",
-                str(keys),
-                "--authorized-keys",
-                str(keys / "nodes"),
+                "--keys",
+                str(server_keys),
                 "--state",
                 str(tmp_path / "link"),
                 log=tmp_path / "server.out",
@@ -89,10 +88,8 @@ def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
                     f"127.0.0.1:{port}",
                     "--site",
                     site,
-                    "--ca",
-                    str(keys / "ca.crt"),
-                    "--key",
-                    str(keys / "nodes" / f"{site}_key"),
+                    "--keys",
+                    str(keys / "sites" / site),
                     "--port",
                     str(_free_port()),
                     "--state",
@@ -108,8 +105,8 @@ def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
             str(cfg),
             "--server",
             f"127.0.0.1:{port}",
-            "--ca",
-            str(keys / "ca.crt"),
+            "--keys",
+            str(server_keys),
             "--out",
             str(out),
             timeout=420,

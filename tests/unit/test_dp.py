@@ -93,3 +93,57 @@ def test_train_private_clips_adds_noise_and_counts_steps() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert set(model.state_dict()) == {"1.weight", "1.bias"}  # Opacus's wrapper did not leak into the keys
     json.dumps(fit.__dict__)
+
+
+def test_empty_poisson_batches_still_take_a_noisy_step() -> None:
+    # batch_size 1 on 20 samples: sample rate 1/20, so many Poisson batches are empty.
+    cfg = make_config(local_epochs=3, batch_size=1, learning_rate=0.1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 64)).astype(np.float32)
+    y = rng.integers(0, 10, size=20).astype(np.int64)
+    model = build_model(spec=ModelSpec(name="cnn"), num_features=64, num_classes=10, image_shape=(1, 8, 8), seed=0)
+    _, done = train_private(
+        model=model,
+        x=x,
+        y=y,
+        cfg=cfg,
+        device=torch.device("cpu"),
+        seed=3,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
+    assert done.steps == 60
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+def test_grad_sample_mode_matches_opacus_hooks(name: str) -> None:
+    """The per-sample gradient mode we use gives the same clipped update as Opacus's default."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dmsc_fed.privacy.dp import GRAD_SAMPLE_MODE
+
+    shape = {"cnn": (64, 10, (1, 8, 8))}.get(name, (30, 2, None))
+    x, y = torch.randn(16, shape[0], generator=torch.Generator().manual_seed(0)), torch.arange(16) % shape[1]
+    params = []
+    for mode in ("hooks", GRAD_SAMPLE_MODE):
+        model = build_model(
+            spec=ModelSpec(name=name), num_features=shape[0], num_classes=shape[1], image_shape=shape[2], seed=0
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
+        private, popt, _ = PrivacyEngine().make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=0.5,
+            grad_sample_mode=mode,
+        )
+        popt.zero_grad()
+        torch.nn.functional.cross_entropy(private(x), y).backward()
+        popt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params, strict=True))
