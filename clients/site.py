@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import nn
 
 from clients.context import SiteContext
 from clients.privacy import Refusal, fit, open_global, seal_update, sign_reply
@@ -90,8 +91,20 @@ def _prepare(content: RecordDict, node_config: dict[str, Any]) -> tuple[Federati
     return cfg, site, refusal(site.policy, cfg)
 
 
-def _load(cfg: FederationConfig, site: SiteContext, content: RecordDict) -> SiteData:
-    return load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
+def _task_for(
+    content: RecordDict, node_config: dict[str, Any], stage: str
+) -> RecordDict | tuple[FederationConfig, SiteContext, Binding, SiteData, nn.Module]:
+    """Everything a train or evaluate message needs, or the signed refusal to send instead."""
+    from dmsc_fed.training import model_for
+
+    cfg, site, refused = _prepare(content, node_config)
+    binding = _binding(content, site, stage)
+    if refused is not None:
+        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
+    data = load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
+    model = model_for(cfg)
+    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    return cfg, site, binding, data, model
 
 
 def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
@@ -118,15 +131,10 @@ def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
 
 def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
     """Train the received global model on the site's training split and return the sealed, signed update."""
-    from dmsc_fed.training import model_for
-
-    cfg, site, refused = _prepare(content, node_config)
-    binding = _binding(content, site, "train")
-    if refused is not None:
-        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
-    data = _load(cfg, site, content)
-    model = model_for(cfg)
-    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    task = _task_for(content, node_config, "train")
+    if isinstance(task, RecordDict):
+        return task
+    cfg, site, binding, data, model = task
     seed = cfg.seed * 100_003 + binding.round * 101 + cfg.site_index(site.name)
     outcome = fit(
         model=model, cfg=cfg, data=data, site=site, task_id=binding.task, server_round=binding.round, seed=seed
@@ -156,15 +164,12 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
 
 def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
     """Evaluate the received global model on the site's held-out test split."""
-    from dmsc_fed.training import evaluate, model_for
+    from dmsc_fed.training import evaluate
 
-    cfg, site, refused = _prepare(content, node_config)
-    binding = _binding(content, site, "evaluate")
-    if refused is not None:
-        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
-    data = _load(cfg, site, content)
-    model = model_for(cfg)
-    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    task = _task_for(content, node_config, "evaluate")
+    if isinstance(task, RecordDict):
+        return task
+    cfg, site, binding, data, model = task
     res = evaluate(model=model, x=data.x_test, y=data.y_test, device=site.torch_device())
     metrics = MetricRecord({NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy})
     return sign_reply(RecordDict({METRICS_KEY: metrics}), cfg=cfg, site=site, binding=binding)

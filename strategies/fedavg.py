@@ -294,12 +294,7 @@ class WeightedFedAvg(FedAvg):
             log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
             return None, None
         arrays = self.aggregate_arrays(accepted)
-        weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
-        site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
-        report.train = weighted_metrics(site_metrics, weights)
-        report.train_sites = [s.name for s, _ in accepted]
-        for (site, _), m in zip(accepted, site_metrics, strict=True):
-            report.per_site.setdefault(site.name, {})["train"] = m
+        report.train, report.train_sites = _metrics(accepted, report, "train")
         report.aggregated = True
         self.current = arrays
         return arrays, _record(report.train)
@@ -309,12 +304,7 @@ class WeightedFedAvg(FedAvg):
         report = self._report(server_round)
         accepted = self._accept(replies, train=False, report=report)
         if accepted:
-            weights = [float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for _, c in accepted]  # type: ignore[arg-type]
-            site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
-            report.evaluate = weighted_metrics(site_metrics, weights)
-            report.evaluate_sites = [s.name for s, _ in accepted]
-            for (site, _), m in zip(accepted, site_metrics, strict=True):
-                report.per_site.setdefault(site.name, {})["evaluate"] = m
+            report.evaluate, report.evaluate_sites = _metrics(accepted, report, "evaluate")
         report.seconds = time.time() - report.started
         if self.on_round is not None:
             self.on_round(report)
@@ -330,6 +320,17 @@ class WeightedFedAvg(FedAvg):
             self.fraction_evaluate,
             self.min_train_nodes,
         )
+
+
+def _metrics(
+    accepted: list[tuple[SiteInfo, RecordDict]], report: RoundReport, stage: str
+) -> tuple[dict[str, float], list[str]]:
+    """Sample-weighted metrics of the accepted replies; each site's own go to ``report.per_site``."""
+    site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
+    for (site, _), m in zip(accepted, site_metrics, strict=True):
+        report.per_site.setdefault(site.name, {})[stage] = m
+    weights = [m[NUM_EXAMPLES_KEY] for m in site_metrics]
+    return weighted_metrics(site_metrics, weights), [s.name for s, _ in accepted]
 
 
 def _refusal(content: RecordDict) -> str | None:
