@@ -86,20 +86,6 @@ def sign_reply(content: RecordDict, *, cfg: FederationConfig, site: SiteContext,
     return content
 
 
-def _plan(cfg: FederationConfig, data: SiteData, site: SiteContext) -> tuple[float, float, int]:
-    p = cfg.privacy
-    rate = dp.sample_rate(num_train=data.num_train, batch_size=cfg.batch_size)
-    steps = dp.steps_per_round(num_train=data.num_train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs)
-    if p.noise_multiplier is not None:
-        sigma = p.noise_multiplier
-    else:
-        assert p.target_epsilon is not None
-        sigma = dp.calibrate_noise(
-            target_epsilon=p.target_epsilon, delta=p.delta, rate=rate, steps=steps * cfg.rounds, accountant=p.accountant
-        )
-    return sigma, rate, steps
-
-
 def fit(
     *,
     model: nn.Module,
@@ -118,7 +104,8 @@ def fit(
     own = [e for e in ledger.entries if e.task == task_id]
     spent = dp.epsilon_of(own, delta=p.delta, accountant=p.accountant)
     spent_site = ledger.epsilon(delta=p.delta, accountant=p.accountant)
-    sigma, rate, steps = _plan(cfg, data, site)
+    plan = dp.plan(cfg, num_train=data.num_train)
+    sigma, rate, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
     now = {EPSILON_KEY: spent, EPSILON_TOTAL_KEY: spent_site}
     if sigma < site.policy.min_noise_multiplier:
         return Refusal(

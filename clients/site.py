@@ -18,7 +18,8 @@ from clients.privacy import Refusal, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
 from dmsc_fed.config import FederationConfig, config_from_json
 from dmsc_fed.data import Scaler, SiteData, describe_site, load_site_data
-from dmsc_fed.errors import ConfigError
+from dmsc_fed.errors import ConfigError, PrivacyError
+from dmsc_fed.privacy import dp
 from dmsc_fed.privacy.policy import refusal
 from dmsc_fed.privacy.signing import Binding
 from dmsc_fed.wire import (
@@ -113,6 +114,14 @@ def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
     if refused is not None:
         return RecordDict({JOIN_KEY: ConfigRecord({"site": site.name, "refused": refused})})
     summary = describe_site(cfg=cfg, site=site.name, data_path=site.data_path)
+    if cfg.privacy.dp == "on":
+        try:
+            noise = dp.plan(cfg, num_train=summary.num_train).noise_multiplier
+        except PrivacyError as err:
+            return RecordDict({JOIN_KEY: ConfigRecord({"site": site.name, "refused": str(err)})})
+        if noise < site.policy.min_noise_multiplier:
+            reason = f"noise multiplier {noise:.3f} is below the site's minimum {site.policy.min_noise_multiplier}"
+            return RecordDict({JOIN_KEY: ConfigRecord({"site": site.name, "refused": reason})})
     record = ConfigRecord(
         {
             "site": site.name,

@@ -124,6 +124,7 @@ def run(
     from dmsc_fed.baseline import centralized_baseline
     from dmsc_fed.data import describe_site
     from dmsc_fed.launcher.local import LocalFederation
+    from dmsc_fed.privacy import dp
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
@@ -133,8 +134,10 @@ def run(
         f"model {cfg.model.name}, dataset {cfg.dataset.name} -> {out}"
     )
     started = time.time()
-    for site in cfg.sites:  # every site's data must load before any process starts
-        describe_site(cfg=cfg, site=site.name)
+    for site in cfg.sites:  # every site's data and DP settings must work before any process starts
+        declared = describe_site(cfg=cfg, site=site.name)
+        if cfg.privacy.dp == "on":
+            dp.plan(cfg, num_train=declared.num_train)
     with _progress(cfg.rounds) as events:
         result = LocalFederation(cfg=cfg, out=out, insecure=insecure, events=events).run()
     baseline = centralized_baseline(cfg=cfg)

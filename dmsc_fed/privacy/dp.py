@@ -124,6 +124,33 @@ def calibrate_noise(*, target_epsilon: float, delta: float, rate: float, steps: 
 
 
 @dataclass(frozen=True)
+class DPPlan:
+    """A site's DP-SGD settings for a task: noise, Poisson sample rate and steps per round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def plan(cfg: FederationConfig, *, num_train: int) -> DPPlan:
+    """The DP-SGD settings of a site with ``num_train`` training samples for task ``cfg``.
+
+    With ``target_epsilon`` the noise is calibrated (Opacus's search) to spend the
+    target over all planned rounds; a target no noise can reach is a PrivacyError.
+    """
+    p = cfg.privacy
+    rate = sample_rate(num_train=num_train, batch_size=cfg.batch_size)
+    steps = steps_per_round(num_train=num_train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs)
+    if p.noise_multiplier is not None:
+        return DPPlan(noise_multiplier=p.noise_multiplier, sample_rate=rate, steps=steps)
+    assert p.target_epsilon is not None
+    sigma = calibrate_noise(
+        target_epsilon=p.target_epsilon, delta=p.delta, rate=rate, steps=steps * cfg.rounds, accountant=p.accountant
+    )
+    return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=steps)
+
+
+@dataclass(frozen=True)
 class DPRound:
     """The DP-SGD parameters of one site's round."""
 

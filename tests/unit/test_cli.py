@@ -153,3 +153,16 @@ def test_keys_init_and_add_site(tmp_path: Path) -> None:
     assert all(p.read_bytes() == data for p, data in before.items())  # the others' material is untouched
     dup = cli("keys", "add-site", "--out", str(out), "--site", "h3")
     assert dup.returncode == 2 and "already has key material" in dup.stderr
+
+
+def test_unreachable_target_epsilon_fails_before_any_process_starts(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'rounds = 50\nlocal_epochs = 5\n[[sites]]\nname = "a"\n[[sites]]\nname = "b"\n'
+        '[privacy]\ndp = "on"\ntarget_epsilon = 0.000001\ndelta = 1e-12\n'
+    )
+    res = cli("run", str(cfg), "--out", str(tmp_path / "out"), env={"DMSC_FED_HOME": str(tmp_path)})
+    assert res.returncode == 9
+    _no_traceback(res)
+    assert "no noise multiplier reaches epsilon" in res.stderr
+    assert not (tmp_path / "out" / "flower").exists()

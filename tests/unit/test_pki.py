@@ -32,3 +32,19 @@ def test_node_keys_are_p384_openssh(tmp_path: Path) -> None:
     assert pub.public_numbers() == priv.public_key().public_numbers()  # type: ignore[union-attr]
     assert stat.S_IMODE(keys.private.stat().st_mode) == 0o600
     assert keys.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_provisioned_server_folder_holds_no_site_secret(tmp_path: Path) -> None:
+    from dmsc_fed.privacy.he import has_secret_key, load_public_context
+    from dmsc_fed.security.provision import ServerKeys, SiteKeys, provision
+
+    out = provision(out=tmp_path / "fed", sites=["a", "b"])
+    server = ServerKeys.load(out / "server")
+    assert not has_secret_key(load_public_context(server.he_public.read_bytes()))
+    names = {p.name for p in (out / "server").rglob("*") if p.is_file()}
+    assert not names & {"he-secret.ctx", "signing.key", "supernode.key", "ca.key"}
+    for site in ("a", "b"):
+        keys = SiteKeys.load(out / "sites" / site)
+        for secret in (keys.signing_key, keys.supernode_key, keys.he_secret):
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
