@@ -7,6 +7,7 @@ exit code; a user mistake never shows a traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import time
 from datetime import datetime
@@ -61,7 +62,16 @@ err_console = Console(stderr=True, soft_wrap=True)
 def config_validate(file: Annotated[Path, typer.Argument(help="Federation config (TOML).")]) -> None:
     """Print the resolved config, or the errors naming each bad field."""
     cfg = load_config(path=file)
+    check_task(cfg)
     console.print_json(cfg.model_dump_json())
+
+
+def check_task(cfg: FederationConfig) -> None:
+    """Checks that need the server's components: the strategy resolves and fits the task.
+
+    The core names the ``strategies`` package by string only (the layering rule).
+    """
+    importlib.import_module("strategies.registry").strategy_for(cfg)
 
 
 def _fmt(value: Any) -> str:
@@ -128,6 +138,7 @@ def run(
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
+    check_task(cfg)
     out = out or _default_out(cfg.name)
     console.print(
         f"[bold]dmsc-fed[/] run [cyan]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.rounds} rounds, "

@@ -28,8 +28,7 @@ BUNDLED_DATASETS = ("breast_cancer", "digits")
 MODEL_NAMES = ("logreg", "mlp", "cnn")
 IMAGE_MODELS = ("cnn",)
 IMAGE_DATASETS = ("digits",)
-BUILTIN_STRATEGIES = ("fedavg",)
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_STRATEGY_NAME = re.compile(r"^([A-Za-z0-9][\w-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 
 
 class _Frozen(BaseModel):
@@ -107,9 +106,15 @@ class ModelSpec(_Frozen):
 
 
 class StrategySpec(_Frozen):
-    """The server-side aggregation strategy."""
+    """The server-side aggregation strategy.
+
+    ``name`` is a registered strategy (``fedavg``, ``median``, ``trimmed-mean``,
+    ``krum``) or a user's ``"package.module:Class"`` subclassing
+    ``strategies.WeightedFedAvg``; ``options`` go to its constructor.
+    """
 
     name: str = "fedavg"
+    options: dict[str, float | int | bool | str] = Field(default_factory=dict)
     fraction_train: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     fraction_evaluate: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     min_sites: Annotated[int, Field(ge=1)] | None = None
@@ -118,12 +123,11 @@ class StrategySpec(_Frozen):
 
     @field_validator("name")
     @classmethod
-    def _known_or_import_path(cls, value: str) -> str:
-        if value in BUILTIN_STRATEGIES or _IMPORT_PATH.match(value):
+    def _name_or_import_path(cls, value: str) -> str:
+        if _STRATEGY_NAME.match(value):
             return value
         raise ValueError(
-            f"unknown strategy {value!r}: use one of {list(BUILTIN_STRATEGIES)} "
-            "or an import path 'package.module:ClassName'"
+            f"strategy {value!r} is neither a strategy name (e.g. 'fedavg') nor an import path 'package.module:Class'"
         )
 
 

@@ -26,7 +26,14 @@ from dmsc_fed.sites import SiteInfo
 from dmsc_fed.training import model_for
 from dmsc_fed.wire import CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY, SCALER_MEAN, SCALER_STD, TASK_ID_KEY, TASK_KEY
 from server.join import discover_sites
-from strategies import STRATEGIES, EncryptedFedAvg, ReplyCheck, RoundReport, TaskFinished, WeightedFedAvg
+from strategies import (
+    EncryptedFedAvg,
+    ReplyCheck,
+    RoundReport,
+    TaskFinished,
+    WeightedFedAvg,
+    strategy_for,
+)
 
 log = logging.getLogger("dmsc_fed.server")
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -89,10 +96,9 @@ def signature_check(keys: ServerKeys, task_id: str) -> ReplyCheck:
 def _strategy(
     cfg: FederationConfig, keys: ServerKeys | None, initial: ArrayRecord, **kwargs: Any
 ) -> tuple[WeightedFedAvg, dict[str, Any] | None]:
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"strategy {cfg.strategy.name!r} is not available; built-in: {sorted(STRATEGIES)}")
+    cls = strategy_for(cfg)
     if cfg.privacy.encryption == "off":
-        return STRATEGIES[cfg.strategy.name].for_model(initial=initial, **kwargs), None
+        return cls.for_model(initial=initial, **kwargs, **cfg.strategy.options), None
     from dmsc_fed.privacy.he import ciphertext_bytes_limit, get_profile, load_public_context
 
     assert keys is not None

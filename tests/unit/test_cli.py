@@ -166,3 +166,12 @@ def test_unreachable_target_epsilon_fails_before_any_process_starts(tmp_path: Pa
     _no_traceback(res)
     assert "no noise multiplier reaches epsilon" in res.stderr
     assert not (tmp_path / "out" / "flower").exists()
+
+
+def test_config_validate_checks_the_strategy(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text('[[sites]]\nname = "a"\n[strategy]\nname = "no_such_pkg.mod:Strategy"\n')
+    res = cli("config", "validate", str(bad))
+    assert res.returncode == 2 and "cannot be imported" in res.stderr
+    res = cli("config", "validate", str(ROOT / "examples/custom_strategy/config.toml"))
+    assert res.returncode == 0, res.stderr

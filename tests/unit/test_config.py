@@ -49,7 +49,7 @@ def test_config_is_frozen(cfg) -> None:
         ("[dataset]\nname = 'csv'\n", "needs label_column"),
         ("[dataset]\nalpha = -1.0\n", "dataset.alpha = -1.0"),
         ("[strategy]\nmin_sites = 5\n", "min_sites = 5"),
-        ("[strategy]\nname = 'fedsomething'\n", "unknown strategy 'fedsomething'"),
+        ("[strategy]\nname = 'fed avg!'\n", "neither a strategy name"),
         ("[privacy]\ndp = 'maybe'\n", "privacy.dp = 'maybe'"),
         ("[privacy]\ndp = 'on'\n", "needs exactly one of noise_multiplier or target_epsilon"),
         ("[privacy]\nnoise_multiplier = 1.0\n", "apply only with dp = 'on'"),
