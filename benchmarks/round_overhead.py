@@ -15,16 +15,23 @@ real processes on 127.0.0.1, started with dmsc-fed's own launcher primitives
   through the run config; the scaler is fitted here, before the run, from
   ``describe_site`` of every site, exactly what dmsc-fed's join phase
   computes (the data are public and bundled, so this is only a shortcut).
-* **ours**: ``LocalFederation(cfg, insecure=True).run()`` (no DP, no HE).
+* **ours**: ``LocalFederation(cfg, insecure=True).run()``. DP and encryption are
+  turned off whatever the config says (the baseline has neither).
 
 The figure compared is the **per-round wall time measured inside the
 ServerApp**, from ``configure_train`` of round r to the end of
 ``aggregate_evaluate`` of round r, for both stacks. Start-up, dmsc-fed's join
 phase and tear-down are outside the rounds and excluded. The ratio is
-``mean(ours) / mean(plain)``; the goal is at most 1.1.
+``mean(ours) / mean(plain)``; the goal is at most 1.1. Beside the wall time,
+the CPU seconds that each stack's processes (SuperLink, SuperNodes, SuperExecs,
+ServerApp, ClientApps; not the ``flwr`` CLI) use during each round are sampled
+from /proc (:class:`CpuSampler`): on a shared machine they vary much less than
+wall time with what else is running.
 
-The driver follows each run the way ``LocalFederation`` does (a ``flwr ls``
-call about every second), so both runs see the same background load.
+With ``--pairs N`` the runs alternate in ABBA order (plain, ours, ours,
+plain, ...), so that a steady drift in background load cancels out. The
+driver follows each run the way ``LocalFederation`` does (a ``flwr ls``
+call about every second), so the driver adds the same load to both.
 
 The plain run also records where Flower's own time goes in a round: for each
 phase (train, evaluate), the reply that arrived last is split into
@@ -47,11 +54,13 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -122,8 +131,9 @@ class RunResult:
     index: int
     rows: list[dict[str, Any]]
     out: Path
-    status_calls: list[float] = field(default_factory=list)
+    status_calls: list[tuple[float, float]] = field(default_factory=list)  # (wall s, CPU s) per 'flwr ls'
     load: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-min load average when the run ended
+    cpu: list[float] = field(default_factory=list)  # CPU seconds of the stack's processes, per round
 
     @property
     def seconds(self) -> list[float]:
@@ -131,11 +141,104 @@ class RunResult:
         return [float(r["seconds"]) for r in sorted(self.rows, key=lambda r: int(r["round"]))]
 
 
+class CpuSampler:
+    """CPU time of the stack's processes, sampled in a background thread.
+
+    Every ``period`` seconds it reads /proc: the user + system time of every
+    descendant of this process (SuperLink, SuperNodes, SuperExecs, ServerApp and
+    ClientApp processes, zombies included) except ``flwr`` CLI calls, and the
+    number of rows in ``metrics``, to time when each round ended. CPU time is
+    much less sensitive than wall time to what else runs on the machine. A process
+    that exits between two samples loses at most ``period`` seconds of CPU.
+    """
+
+    def __init__(self, metrics: Path, period: float = 0.2) -> None:
+        self.metrics = metrics
+        self.period = period
+        self.samples: list[tuple[float, float]] = []  # (time, cumulative CPU seconds)
+        self.row_times: list[float] = []  # when each metrics row was first seen
+        self._cpu: dict[tuple[int, int], float] = {}  # (pid, start) -> latest CPU seconds
+        self._skip: set[tuple[int, int]] = set()
+        self._tick = float(os.sysconf("SC_CLK_TCK"))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _scan(self) -> None:
+        table: dict[int, tuple[int, int, float]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            f = raw[raw.rindex(")") + 2 :].split()
+            table[int(entry.name)] = (int(f[1]), int(f[19]), (int(f[11]) + int(f[12])) / self._tick)
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = list(children.get(os.getpid(), []))
+        while todo:
+            pid = todo.pop()
+            todo.extend(children.get(pid, []))
+            _, start, cpu = table[pid]
+            key = (pid, start)
+            if key not in self._cpu and key not in self._skip:
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "flwr":
+                        self._skip.add(key)
+            if key not in self._skip:
+                self._cpu[key] = max(cpu, self._cpu.get(key, 0.0))
+        now = time.time()
+        self.samples.append((now, sum(self._cpu.values())))
+        with contextlib.suppress(OSError):
+            rows = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
+            self.row_times.extend([now] * (rows - len(self.row_times)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._scan()
+
+    def _at(self, t: float) -> float:
+        """Cumulative CPU seconds at time ``t`` (linear between samples)."""
+        prev = (0.0, 0.0)
+        for ts, cpu in self.samples:
+            if ts >= t:
+                if prev[0] == 0.0 or ts == prev[0]:
+                    return cpu
+                return prev[1] + (cpu - prev[1]) * (t - prev[0]) / (ts - prev[0])
+            prev = (ts, cpu)
+        return prev[1]
+
+    def per_round(self, rows: list[dict[str, Any]]) -> list[float]:
+        """CPU seconds spent during each round (rows in file order, as the sampler saw them)."""
+        return [
+            self._at(end) - self._at(end - float(row["seconds"]))
+            for row, end in zip(rows, self.row_times, strict=False)
+        ]
+
+
 # --------------------------------------------------------------------- setup
+NO_PRIVACY = {"dp": "off", "encryption": "off"}
+
+
 def task_config(path: Path, rounds: int) -> FederationConfig:
-    """The config at ``path`` with ``rounds`` rounds (validated again)."""
+    """The config at ``path`` with ``rounds`` rounds and no DP, no encryption (validated again).
+
+    The plain-Flower baseline has neither, so the comparison is made without them
+    whatever the config asks for.
+    """
     cfg = load_config(path=path)
-    return parse_config(data=cfg.model_dump(mode="json") | {"rounds": rounds}, source=str(path))
+    data = cfg.model_dump(mode="json") | {"rounds": rounds, "privacy": NO_PRIVACY}
+    return parse_config(data=data, source=str(path))
 
 
 def federated_scaler(cfg: FederationConfig) -> str:
@@ -188,6 +291,12 @@ def _wait_online(cli: FlowerCli, nodes: list[Child]) -> None:
             return
         time.sleep(1.0)
     raise LauncherError(f"only {online} of {len(nodes)} SuperNodes came online within {STARTUP_TIMEOUT_S:.0f}s")
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children (here: the ``flwr`` CLI calls)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -248,9 +357,9 @@ def run_plain(
                 result.rows = rows
                 if link.popen.poll() is not None:
                     raise LauncherError(f"the SuperLink exited during the run:\n{tail(link.log_path)}")
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), _children_cpu()
                 status = cli.status(run_id)
-                result.status_calls.append(time.perf_counter() - start)
+                result.status_calls.append((time.perf_counter() - start, _children_cpu() - cpu))
                 time.sleep(1.0)
             result.rows = _read_rows(metrics)
             (logs / "run.log").write_text(cli.logs(run_id))
@@ -325,7 +434,7 @@ def all_replies(rows: list[dict[str, Any]], a: str, b: str) -> list[float]:
 
 
 def train_times(result: RunResult) -> list[float]:
-    """The sites' reported local training times (``train-time-s``) over all rounds."""
+    """Durations of dmsc-fed's ``train()`` call, per site and round (an indicator of CPU contention)."""
     if result.stack == "ours":
         return [
             float(site["train"]["train-time-s"])
@@ -334,11 +443,23 @@ def train_times(result: RunResult) -> list[float]:
             if "train-time-s" in site.get("train", {})
         ]
     return [
-        float(r["handler-end"]) - float(r["work-start"])
+        float(r["train-s"])
         for row in result.rows
         for r in (row.get("train") or {}).get("replies", [])
-        if "work-start" in r
+        if "train-s" in r
     ]
+
+
+def final_metrics(result: RunResult) -> str:
+    """The last round's aggregated evaluation loss and accuracy (equal for both stacks on the same task)."""
+    if not result.rows:
+        return "n/a"
+    last = max(result.rows, key=lambda r: int(r["round"]))
+    ev = last.get("evaluate") or {}
+    if result.stack == "plain":
+        ev = ev.get("metrics", {})
+    loss, acc = ev.get("loss"), ev.get("accuracy")
+    return "n/a" if loss is None or acc is None else f"loss {float(loss):.6f}, accuracy {float(acc):.4f}"
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -353,33 +474,43 @@ def report(results: list[RunResult], costs: dict[str, float], cfg: FederationCon
         f"{cfg.rounds} rounds, {cfg.local_epochs} local epochs; insecure; {os.cpu_count()} CPUs"
     )
     print()
-    print(f"{'stack':<6} {'run':>3} {'rounds':>6} {'mean s':>7} {'median s':>8} {'load':>5}  per-round seconds")
+    print(
+        f"{'stack':<6} {'run':>3} {'rounds':>6} {'mean s':>7} {'median s':>8} {'CPU s':>6} {'load':>5}  "
+        "per-round seconds (CPU: mean CPU-seconds of the stack's processes per round; load: 1-min load at the end)"
+    )
     for r in results:
         s = r.seconds
+        cpu_col = f"{statistics.fmean(r.cpu):6.1f}" if r.cpu else f"{'n/a':>6}"
         print(
-            f"{r.stack:<6} {r.index:>3} {len(s):>6} {statistics.fmean(s):7.2f} {statistics.median(s):8.2f} "
+            f"{r.stack:<6} {r.index:>3} {len(s):>6} {statistics.fmean(s):7.2f} {statistics.median(s):8.2f} {cpu_col} "
             f"{r.load:5.2f}  {_fmt(s)}"
         )
     by_stack = {k: [x for r in results if r.stack == k for x in r.seconds] for k in ("plain", "ours")}
+    cpu_by_stack = {k: [x for r in results if r.stack == k for x in r.cpu] for k in ("plain", "ours")}
     print()
     for k, s in by_stack.items():
         if s:
+            cpus = cpu_by_stack[k]
+            cpu_s = f", CPU mean={statistics.fmean(cpus):.1f}s" if cpus else ""
             print(
                 f"{k:<6} all rounds: n={len(s)} mean={statistics.fmean(s):.2f}s median={statistics.median(s):.2f}s "
-                f"min={min(s):.2f}s max={max(s):.2f}s"
+                f"min={min(s):.2f}s max={max(s):.2f}s{cpu_s}"
             )
     if by_stack["plain"] and by_stack["ours"]:
         ratio = statistics.fmean(by_stack["ours"]) / statistics.fmean(by_stack["plain"])
         ratio_med = statistics.median(by_stack["ours"]) / statistics.median(by_stack["plain"])
         verdict = "within" if ratio <= GOAL else "NOT within"
-        print(f"ratio ours/plain: {ratio:.3f} (means), {ratio_med:.3f} (medians) -> {verdict} the {GOAL}x goal")
+        print(
+            f"ratio ours/plain, per-round wall time: {ratio:.3f} (means), {ratio_med:.3f} (medians) "
+            f"-> {verdict} the {GOAL}x goal"
+        )
+        if cpu_by_stack["plain"] and cpu_by_stack["ours"]:
+            cpu_ratio = statistics.fmean(cpu_by_stack["ours"]) / statistics.fmean(cpu_by_stack["plain"])
+            print(f"ratio ours/plain, per-round CPU time:  {cpu_ratio:.3f} (means; less sensitive to other load)")
     for r in results:
         t = train_times(r)
-        if t:
-            print(
-                f"{r.stack:<6} run {r.index}: local train time per site-round mean {statistics.fmean(t):.2f}s "
-                f"(plain: whole handler work incl. data load; ours: train() only)"
-            )
+        train_s = f"{statistics.fmean(t):.2f}s" if t else "n/a"
+        print(f"{r.stack:<6} run {r.index}: train() per site-round mean {train_s}; final evaluation {final_metrics(r)}")
 
     plain_rows = [row for r in results if r.stack == "plain" for row in r.rows]
     if plain_rows:
@@ -409,9 +540,11 @@ def report(results: list[RunResult], costs: dict[str, float], cfg: FederationCon
             )
         calls = [c for r in results for c in r.status_calls]
         if calls:
+            wall = statistics.fmean(c[0] for c in calls)
+            cpu = statistics.fmean(c[1] for c in calls)
             print(
-                f"  driver's 'flwr ls' status call (as LocalFederation polls): mean {statistics.fmean(calls):.2f}s "
-                f"over {len(calls)} calls, one about every {1 + statistics.fmean(calls):.1f}s"
+                f"  driver's 'flwr ls' status poll (as LocalFederation does it): {len(calls)} calls, mean {wall:.2f}s "
+                f"wall and {cpu:.2f}s CPU each, one call every {1 + wall:.1f}s (~{cpu / (1 + wall):.2f} CPU busy)"
             )
     print()
     print("Fixed per-process costs measured on their own before the runs (median of 3):")
@@ -425,12 +558,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation config (TOML)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (both stacks)")
-    parser.add_argument("--pairs", type=int, default=1, help="how many (plain, ours) pairs to run, alternating")
+    parser.add_argument(
+        "--pairs", type=int, default=1, help="pairs of runs: plain then ours, then ours then plain, ..."
+    )
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a new temp dir, kept)")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds allowed per run")
     args = parser.parse_args(argv)
 
     cfg = task_config(args.config, args.rounds)
+    asked = load_config(path=args.config).privacy
+    if (asked.dp, asked.encryption) != (NO_PRIVACY["dp"], NO_PRIVACY["encryption"]):
+        say(f"{args.config} asks for dp={asked.dp!r}, encryption={asked.encryption!r}: both are off in this benchmark")
     out = (args.out or Path(tempfile.mkdtemp(prefix="round-overhead-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ["DMSC_FED_HOME"] = str(out / "dmsc-fed-home")  # our run lock lives here, not in ~/.dmsc-fed
@@ -445,10 +583,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[RunResult] = []
     try:
         for i in range(1, args.pairs + 1):
-            with time_limit(args.run_timeout):
-                results.append(run_plain(cfg, scaler, out / f"plain-{i}", on_round("plain"), i))
-            with time_limit(args.run_timeout):
-                results.append(run_ours(cfg, out / f"ours-{i}", on_round("ours"), i))
+            for stack in ("plain", "ours") if i % 2 else ("ours", "plain"):  # ABBA order cancels a linear drift
+                run_out = out / f"{stack}-{i}"
+                with time_limit(args.run_timeout), CpuSampler(run_out / "metrics.jsonl") as sampler:
+                    if stack == "plain":
+                        result = run_plain(cfg, scaler, run_out, on_round("plain"), i)
+                    else:
+                        result = run_ours(cfg, run_out, on_round("ours"), i)
+                result.cpu = sampler.per_round(result.rows)
+                results.append(result)
     except (KeyboardInterrupt, BenchmarkTimeout, DmscError) as err:
         say(f"stopped early: {type(err).__name__}: {err}")
         if results:

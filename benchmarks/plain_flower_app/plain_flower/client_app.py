@@ -15,7 +15,8 @@ Each reply carries, besides Flower's usual ``arrays``/``metrics`` records, a
 ``process-start``  when this ``flwr-clientapp`` process was created;
 ``handler-start``  when Flower called the handler;
 ``work-start``     after the handler's imports (torch, dmsc-fed);
-``handler-end``    when the reply content was ready.
+``handler-end``    when the reply content was ready;
+``train-s``        (train only) the duration of dmsc-fed's ``train()`` call.
 
 Flower 1.42 starts a fresh process per message, so module-level imports are kept
 to Flower's own; torch and dmsc-fed are imported inside the handlers, as
@@ -99,13 +100,14 @@ def _import_stack() -> float:
     return time.time()
 
 
-def _timing(started: float, work_start: float) -> ConfigRecord:
+def _timing(started: float, work_start: float, **extra: float) -> ConfigRecord:
     return ConfigRecord(
         {
             "process-start": process_start(),
             "handler-start": started,
             "work-start": work_start,
             "handler-end": time.time(),
+            **extra,
         }
     )
 
@@ -144,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
-    content["timing"] = _timing(started, work_start)
+    content["timing"] = _timing(started, work_start, **{"train-s": fit.seconds})
     return Message(content=content, reply_to=msg)
 
 
