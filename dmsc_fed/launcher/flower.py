@@ -52,6 +52,8 @@ def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_ENV)
     env["FLWR_HOME"] = str(home)
+    # Flower starts a process per message: let them cache bytecode instead of recompiling every time.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

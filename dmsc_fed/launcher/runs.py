@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 from dmsc_fed.config import FederationConfig
 from dmsc_fed.errors import Interrupted, RunFailedError
 from dmsc_fed.launcher.flower import FlowerCli, tail
+
+STATUS_EVERY_S = 10.0
 
 
 @dataclass
@@ -32,6 +35,7 @@ def _follow(cli: FlowerCli, run_id: int, out: Path, events: RunEvents, check_ali
     metrics = out / "metrics.jsonl"
     seen = 0
     status = "pending"
+    last_asked = -math.inf
     while True:
         if metrics.exists():
             rows = metrics.read_text().splitlines()
@@ -42,8 +46,12 @@ def _follow(cli: FlowerCli, run_id: int, out: Path, events: RunEvents, check_ali
         if status.startswith("finished"):
             return status
         check_alive()
-        status = cli.status(run_id)
-        time.sleep(1.0)
+        # Each `flwr ls` is a new process (about a second of CPU): ask rarely, and at once when the
+        # ServerApp has written its result.
+        if time.monotonic() - last_asked >= STATUS_EVERY_S or (out / "result.json").exists():
+            status = cli.status(run_id)
+            last_asked = time.monotonic()
+        time.sleep(0.5)
 
 
 def submit_and_follow(
