@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dmsc_fed.config import FederationConfig, load_config
-from dmsc_fed.errors import DmscError
+from dmsc_fed.errors import ConfigError, DmscError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -66,12 +66,30 @@ def config_validate(file: Annotated[Path, typer.Argument(help="Federation config
     console.print_json(cfg.model_dump_json())
 
 
-def check_task(cfg: FederationConfig) -> None:
-    """Checks that need the server's components: the strategy resolves and fits the task.
+def check_task(cfg: FederationConfig, *, for_run: bool = False) -> None:
+    """Checks that need the model or the server's components, before anything starts.
 
-    The core names the ``strategies`` package by string only (the layering rule).
+    The strategy must resolve and fit the task (the core names the ``strategies``
+    package by string only: the layering rule); a segmentation spec must fit the
+    model and the sites.
     """
     importlib.import_module("strategies.registry").strategy_for(cfg)
+    seg = cfg.segmentation
+    if seg is None:
+        return
+    from dmsc_fed.training import model_for
+
+    model = model_for(cfg)
+    params = {k: v for k, v in model.state_dict().items()}
+    layers = [name for name, _ in model.named_children()] if seg.mode == "layer" else list(params)
+    seg.check_against(
+        layers=layers, sites=[s.name for s in cfg.sites], num_parameters=sum(v.numel() for v in params.values())
+    )
+    if for_run:
+        raise ConfigError(
+            f"segmented training (mode {seg.mode!r}) is validated but not yet run by this version; "
+            "remove [segmentation] to train the whole model"
+        )
 
 
 def _fmt(value: Any) -> str:
@@ -138,7 +156,7 @@ def run(
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
-    check_task(cfg)
+    check_task(cfg, for_run=True)
     out = out or _default_out(cfg.name)
     console.print(
         f"[bold]dmsc-fed[/] run [cyan]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.rounds} rounds, "
@@ -175,6 +193,7 @@ def submit(
     from dmsc_fed.runfiles import write_json
 
     cfg = load_config(path=config)
+    check_task(cfg, for_run=True)
     out = out or _default_out(cfg.name)
     with _progress(cfg.rounds) as events:
         result = submit_run(cfg=cfg, server=server, keys=keys, out=out, insecure=insecure, events=events)

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmsc_fed.errors import ConfigError
+from dmsc_fed.segmentation.spec import SegmentationSpec
 
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUNDLED_DATASETS = ("breast_cancer", "digits")
@@ -170,12 +171,6 @@ class PrivacySpec(_Frozen):
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
-class SegmentationSpec(_Frozen):
-    """Model segmentation (draft section 6.2.4). ``none`` trains the whole model."""
-
-    mode: Literal["none"] = "none"
-
-
 class FederationConfig(_Frozen):
     """Everything one federated training run needs, validated and frozen."""
 
@@ -192,7 +187,7 @@ class FederationConfig(_Frozen):
     model: ModelSpec = Field(default_factory=ModelSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
-    segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
+    segmentation: SegmentationSpec | None = None
 
     @field_validator("sites")
     @classmethod

@@ -127,6 +127,11 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
     cfg = task_config(run_config)
+    if cfg.segmentation is not None:
+        raise ConfigError(
+            f"segmented training (mode {cfg.segmentation.mode!r}) is not yet run by this version; "
+            "remove [segmentation] to train the whole model"
+        )
     keys = _server_keys(cfg, run_config)
     task_id = f"{cfg.name}/{run_id}"
     log.info(

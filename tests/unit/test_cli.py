@@ -175,3 +175,31 @@ def test_config_validate_checks_the_strategy(tmp_path: Path) -> None:
     assert res.returncode == 2 and "cannot be imported" in res.stderr
     res = cli("config", "validate", str(ROOT / "examples/custom_strategy/config.toml"))
     assert res.returncode == 0, res.stderr
+
+
+SEGMENTED = '[[sites]]\nname = "a"\n[[sites]]\nname = "b"\n[segmentation]\nmode = "block"\n[segmentation.block]\n'
+
+
+@pytest.mark.parametrize(
+    ("block", "needle"),
+    [
+        ("block_count = 4\nreplication = 3\n", "replication"),
+        ("block_count = 4\nblock_size = 10\n", "block_size"),
+    ],
+)
+def test_segmentation_spec_errors_before_anything_starts(tmp_path: Path, block: str, needle: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(SEGMENTED + block)
+    res = cli("config", "validate", str(cfg))
+    assert res.returncode == 2, res.stdout
+    _no_traceback(res)
+    assert needle in res.stderr
+
+
+def test_valid_segmentation_validates_but_is_not_run_yet(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(SEGMENTED + "block_count = 4\nreplication = 2\n")
+    assert cli("config", "validate", str(cfg)).returncode == 0
+    res = cli("run", str(cfg), "--out", str(tmp_path / "out"), env={"DMSC_FED_HOME": str(tmp_path)})
+    assert res.returncode == 2 and "not yet run" in res.stderr
+    assert not (tmp_path / "out").exists()
