@@ -25,8 +25,6 @@ from dmsc_fed.errors import ConfigError
 from dmsc_fed.segmentation.spec import SegmentationSpec
 
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-BUNDLED_DATASETS = ("breast_cancer", "digits")
-MODEL_NAMES = ("logreg", "mlp", "cnn")
 IMAGE_MODELS = ("cnn",)
 IMAGE_DATASETS = ("digits",)
 _STRATEGY_NAME = re.compile(r"^([A-Za-z0-9][\w-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")

@@ -55,7 +55,7 @@ def mlp(*, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tu
 def small_cnn(
     *, num_features: int, num_classes: int, spec: ModelSpec, image_shape: tuple[int, int, int] | None
 ) -> nn.Module:
-    """Two 3x3 convolutions with GroupNorm-free ReLU blocks for 8x8 single-channel images."""
+    """Two 3x3 convolution + ReLU + max-pool blocks and a dense head, for 8x8 single-channel images."""
     if image_shape is None:
         raise ModelError("model 'cnn' needs image data (e.g. dataset 'digits')")
     channels, height, width = image_shape
