@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -84,7 +85,7 @@ from dmsc_fed.launcher.flower import (
 from dmsc_fed.launcher.local import LocalFederation, sigterm_as_interrupt
 from dmsc_fed.launcher.ports import free_port
 from dmsc_fed.launcher.processes import Child, ProcessGroup
-from dmsc_fed.launcher.runs import RunEvents
+from dmsc_fed.launcher.runs import STATUS_EVERY_S, RunEvents
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_APP = Path(__file__).resolve().parent / "plain_flower_app"
@@ -349,6 +350,7 @@ def run_plain(
         run_id = cli.submit(app_dir=PLAIN_APP, run_config=overrides)
         say(f"plain: run {run_id} submitted; training {cfg.rounds} rounds")
         status = "pending"
+        last_asked = -math.inf
         try:
             while not status.startswith("finished"):
                 rows = _read_rows(metrics)
@@ -357,10 +359,13 @@ def run_plain(
                 result.rows = rows
                 if link.popen.poll() is not None:
                     raise LauncherError(f"the SuperLink exited during the run:\n{tail(link.log_path)}")
-                start, cpu = time.perf_counter(), _children_cpu()
-                status = cli.status(run_id)
-                result.status_calls.append((time.perf_counter() - start, _children_cpu() - cpu))
-                time.sleep(1.0)
+                # Poll the way LocalFederation does: every STATUS_EVERY_S, and at once when all rounds are in.
+                if time.monotonic() - last_asked >= STATUS_EVERY_S or len(rows) >= cfg.rounds:
+                    start, cpu = time.perf_counter(), _children_cpu()
+                    status = cli.status(run_id)
+                    result.status_calls.append((time.perf_counter() - start, _children_cpu() - cpu))
+                    last_asked = time.monotonic()
+                time.sleep(0.5)
             result.rows = _read_rows(metrics)
             (logs / "run.log").write_text(cli.logs(run_id))
         finally:
