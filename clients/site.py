@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
+from clients import segments
 from clients.context import SiteContext
 from clients.privacy import Refusal, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
@@ -144,6 +145,11 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
+    blocks = segments.assignment(_config(content))
+    if blocks is not None:
+        if cfg.privacy.encryption != "off":
+            raise PrivacyError("block-mode updates cannot be encrypted yet; refusing to send them in clear")
+        segments.freeze_outside(model, blocks)
     seed = cfg.seed * 100_003 + binding.round * 101 + cfg.site_index(site.name)
     outcome = fit(
         model=model, cfg=cfg, data=data, site=site, task_id=binding.task, server_round=binding.round, seed=seed
@@ -162,9 +168,14 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
     }
     if cfg.privacy.encryption != "off":
         metrics[WEIGHT_KEY] = weight
+    update = (
+        segments.extract_blocks(model, blocks)
+        if blocks is not None
+        else seal_update(model=model, cfg=cfg, site=site, weight=weight)
+    )
     reply = RecordDict(
         {
-            ARRAYS_KEY: seal_update(model=model, cfg=cfg, site=site, weight=weight),
+            ARRAYS_KEY: update,
             METRICS_KEY: MetricRecord(metrics),  # type: ignore[arg-type]
         }
     )

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dmsc_fed.config import FederationConfig, load_config
-from dmsc_fed.errors import ConfigError, DmscError
+from dmsc_fed.errors import DmscError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,11 +69,15 @@ def config_validate(file: Annotated[Path, typer.Argument(help="Federation config
 def check_task(cfg: FederationConfig, *, for_run: bool = False) -> None:
     """Checks that need the model or the server's components, before anything starts.
 
-    The strategy must resolve and fit the task (the core names the ``strategies``
-    package by string only: the layering rule); a segmentation spec must fit the
-    model and the sites.
+    The strategy must resolve (and, for a run, fit the privacy settings and the
+    segmentation mode; the core names the ``strategies`` package by string only:
+    the layering rule); a segmentation spec must fit the model and the sites.
     """
-    importlib.import_module("strategies.registry").strategy_for(cfg)
+    registry = importlib.import_module("strategies.registry")
+    if for_run:  # also: the strategy fits the privacy settings and the segmentation mode can run
+        registry.strategy_for(cfg)
+    else:
+        registry.check_options(registry.resolve_strategy(cfg.strategy.name), cfg.strategy.options)
     seg = cfg.segmentation
     if seg is None:
         return
@@ -85,11 +89,6 @@ def check_task(cfg: FederationConfig, *, for_run: bool = False) -> None:
     seg.check_against(
         layers=layers, sites=[s.name for s in cfg.sites], num_parameters=sum(v.numel() for v in params.values())
     )
-    if for_run:
-        raise ConfigError(
-            f"segmented training (mode {seg.mode!r}) is validated but not yet run by this version; "
-            "remove [segmentation] to train the whole model"
-        )
 
 
 def _fmt(value: Any) -> str:

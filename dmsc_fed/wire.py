@@ -24,3 +24,7 @@ CT_PREFIX = "ct-"  # encrypted global model / update: ArrayRecord of uint8 ciphe
 CT_WEIGHT = "ct-weight"  # float64[1] in an encrypted global model: the weight the sum must be divided by
 EPSILON_KEY = "epsilon"  # a site's spend on this task so far (in METRICS_KEY)
 EPSILON_TOTAL_KEY = "epsilon-site"  # the site's total spend across tasks (in METRICS_KEY)
+SEGMENT_BLOCKS = "segment-blocks"  # block mode: ids of the blocks this site trains (in CONFIG_KEY)
+SEGMENT_OFFSETS = "segment-offsets"  # their offsets in the flat parameter vector
+SEGMENT_LENGTHS = "segment-lengths"  # their lengths
+BLOCK_PREFIX = "block-"  # a site's block-mode update: ArrayRecord "block-00003", ... of float32 values

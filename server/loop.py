@@ -22,6 +22,7 @@ from dmsc_fed.data.scaling import fit_scaler
 from dmsc_fed.errors import ConfigError, RunFailedError
 from dmsc_fed.runfiles import append_jsonl, save_encrypted_model, save_model, write_json
 from dmsc_fed.security.provision import ServerKeys
+from dmsc_fed.segmentation.block import BlockPlan, plan_blocks
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.training import model_for
 from dmsc_fed.wire import CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY, SCALER_MEAN, SCALER_STD, TASK_ID_KEY, TASK_KEY
@@ -34,6 +35,7 @@ from strategies import (
     WeightedFedAvg,
     strategy_for,
 )
+from strategies.segmented import BlockFedAvg
 
 log = logging.getLogger("dmsc_fed.server")
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -93,10 +95,42 @@ def signature_check(keys: ServerKeys, task_id: str) -> ReplyCheck:
     return check
 
 
+#: Relative training capacity of a site by resource pool (draft 6.3.8); block mode gives a
+#: GPU site four times the blocks of a CPU site.
+POOL_CAPACITY = {"cpu": 1.0, "gpu": 4.0}
+
+
+def block_plan(cfg: FederationConfig, initial: ArrayRecord, sites: dict[int, SiteInfo]) -> BlockPlan:
+    """The block plan over the sites that joined, by their configured pools."""
+    seg = cfg.segmentation
+    assert seg is not None and seg.block is not None
+    pools = {s.name: s.pool for s in cfg.sites}
+    joined = sorted(s.name for s in sites.values())
+    try:
+        return plan_blocks(
+            parameters={k: tuple(a.shape) for k, a in initial.items()},
+            capacities={name: POOL_CAPACITY[pools[name]] for name in joined},
+            block_size=seg.block.block_size,
+            block_count=seg.block.block_count,
+            replication=seg.block.replication,
+        )
+    except ConfigError as err:
+        raise RunFailedError(f"no block plan fits the {len(joined)} sites that joined ({joined}): {err}") from None
+
+
 def _strategy(
     cfg: FederationConfig, keys: ServerKeys | None, initial: ArrayRecord, **kwargs: Any
 ) -> tuple[WeightedFedAvg, dict[str, Any] | None]:
     cls = strategy_for(cfg)
+    if cls is BlockFedAvg:
+        plan = block_plan(cfg, initial, kwargs["sites"])
+        log.info(
+            "block plan: %d blocks, replication %d, %s",
+            len(plan.blocks),
+            plan.replication,
+            {site: len(ids) for site, ids in plan.assignment.items()},
+        )
+        return BlockFedAvg.for_model(initial=initial, plan=plan, **kwargs), None
     if cfg.privacy.encryption == "off":
         return cls.for_model(initial=initial, **kwargs, **cfg.strategy.options), None
     from dmsc_fed.privacy.he import ciphertext_bytes_limit, get_profile, load_public_context
@@ -127,11 +161,6 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
     cfg = task_config(run_config)
-    if cfg.segmentation is not None:
-        raise ConfigError(
-            f"segmented training (mode {cfg.segmentation.mode!r}) is not yet run by this version; "
-            "remove [segmentation] to train the whole model"
-        )
     keys = _server_keys(cfg, run_config)
     task_id = f"{cfg.name}/{run_id}"
     log.info(

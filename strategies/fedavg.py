@@ -188,8 +188,22 @@ class WeightedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
     ) -> list[Message]:
         config[ROUND_KEY] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
+        return [
+            Message(
+                content=RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self.node_config(n, config)}),
+                message_type=kind,
+                dst_node_id=n,
+            )
+            for n in nodes
+        ]
+
+    def node_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
+        """The config record sent to ``node`` (hook: a segmented strategy adds the node's segments)."""
+        return config
+
+    def train_nodes(self, grid: Grid) -> list[int]:
+        """The member sites that train this round (hook: default, a sample of ``fraction_train``)."""
+        return self._sample(grid, self.fraction_train, self.min_train_nodes, training=True)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -206,7 +220,7 @@ class WeightedFedAvg(FedAvg):
         if self.sites and len(self.retired) == len(self.sites):
             raise TaskFinished(f"no site can train any more: {sorted(self.retired_reasons())}")
         self.reports.append(RoundReport(round=server_round))
-        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, training=True)
+        nodes = self.train_nodes(grid)
         config[WEIGHT_TOTAL_KEY] = sum(self.sites[n].num_train for n in nodes)
         log.info("round %d: training on %s", server_round, [self.sites[n].name for n in nodes])
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)

@@ -95,6 +95,20 @@ def strategy_for(cfg: FederationConfig) -> type[WeightedFedAvg]:
     """The strategy class of task ``cfg``, checked: importable, options accepted, fits the privacy settings."""
     cls = resolve_strategy(cfg.strategy.name)
     check_options(cls, cfg.strategy.options)
+    seg = cfg.segmentation
+    if seg is not None:
+        from strategies.segmented import BlockFedAvg
+
+        if seg.mode != "block":
+            raise ConfigError(
+                f"segmented training in mode {seg.mode!r} is validated but not yet run by this version "
+                "(block mode is); remove [segmentation] to train the whole model"
+            )
+        if cfg.privacy.encryption != "off":
+            raise ConfigError("block mode cannot encrypt its per-block updates yet: set privacy.encryption = 'off'")
+        if cls is not WeightedFedAvg:
+            raise ConfigError(f"block mode averages each block (strategy 'fedavg'), not {cfg.strategy.name!r}")
+        return BlockFedAvg
     if cfg.privacy.encryption != "off" and cls is not WeightedFedAvg:
         raise ConfigError(
             f"strategy {cfg.strategy.name!r} aggregates plaintext updates; with encryption on the server can only "

@@ -33,7 +33,8 @@ def specs_of(arrays: ArrayRecord) -> dict[str, ArraySpec]:
     return {k: ArraySpec(shape=tuple(a.shape), dtype=str(a.dtype)) for k, a in arrays.items()}
 
 
-def _check_metrics(content: RecordDict, max_examples: int) -> str | None:
+def check_metrics(content: RecordDict, max_examples: int) -> str | None:
+    """Why a reply's metrics are unacceptable (record, sample count within ``max_examples``, finite values)."""
     metrics = content.get(METRICS_KEY)
     if not isinstance(metrics, MetricRecord):
         return f"no MetricRecord under {METRICS_KEY!r}"
@@ -101,7 +102,7 @@ def check_reply(
         replies, which carry no arrays.
 
     """
-    reason = _check_metrics(content, max_examples)
+    reason = check_metrics(content, max_examples)
     if reason is None and expected_arrays is not None:
         reason = _check_arrays(content, expected_arrays)
     return reason
@@ -124,7 +125,7 @@ def check_encrypted_reply(
     ``weight_total`` (the sampled sites' declared total), so no site can inflate
     its share.
     """
-    reason = _check_metrics(content, max_examples)
+    reason = check_metrics(content, max_examples)
     if reason is not None:
         return reason
     arrays = content.get(ARRAYS_KEY)
@@ -143,7 +144,7 @@ def check_encrypted_reply(
         if arr.shape[0] > max_chunk_bytes:
             return f"chunk {key!r} has {arr.shape[0]} bytes, more than the {max_chunk_bytes} a ciphertext can take"
     metrics = content[METRICS_KEY]
-    assert isinstance(metrics, MetricRecord)  # checked by _check_metrics
+    assert isinstance(metrics, MetricRecord)  # checked by check_metrics
     weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, float | int) or isinstance(weight, bool) or not math.isfinite(float(weight)):
         return f"metric {WEIGHT_KEY!r} must be a finite number, got {weight!r}"
