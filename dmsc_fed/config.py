@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dmsc_fed.errors import ConfigError
+from dmsc_fed.errors import ConfigError, invalid_settings
 from dmsc_fed.segmentation.spec import SegmentationSpec
 
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -228,26 +228,12 @@ class FederationConfig(_Frozen):
         return self.model_dump_json()
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {e['input']!r}); check its spelling")
-        elif e["type"] == "missing":
-            lines.append(f"  {loc}: required but missing")
-        else:
-            lines.append(f"  {loc} = {e['input']!r}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_config(*, data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> FederationConfig:
     """Validate a config mapping; relative site data paths resolve against ``base_dir``."""
     try:
         cfg = FederationConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(invalid_settings(err, source)) from None
     if base_dir is not None:
         sites = [
             s.model_copy(

@@ -6,6 +6,11 @@ class to a stable exit code and prints its message without a traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class DmscError(Exception):
     """Base class of all dmsc-fed errors a user can act on."""
@@ -65,3 +70,18 @@ class Interrupted(DmscError):
     """The user stopped the run (Ctrl-C or SIGTERM)."""
 
     exit_code = 130
+
+
+def invalid_settings(err: ValidationError, source: str) -> str:
+    """One line per invalid setting of a pydantic error: the field, the value and why."""
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e['input']!r}); check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required but missing")
+        else:
+            lines.append(f"  {loc} = {e['input']!r}: {msg}")
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from dmsc_fed.errors import ConfigError
+from dmsc_fed.errors import ConfigError, invalid_settings
 from dmsc_fed.segmentation.names import (
     BACKBONE,
     BLOCK_PREFIX,
@@ -448,23 +448,9 @@ class SegmentationSpec(_Frozen):
             raise ConfigError(f"segmentation does not fit the model and sites:\n{listed}")
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {e['input']!r}); check its spelling")
-        elif e["type"] == "missing":
-            lines.append(f"  {loc}: required but missing")
-        else:
-            lines.append(f"  {loc} = {e['input']!r}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_segmentation(*, data: Mapping[str, Any], source: str = "segmentation") -> SegmentationSpec:
     """Validate a ``[segmentation]`` mapping; every problem is a ConfigError naming the key."""
     try:
         return SegmentationSpec.model_validate(dict(data))
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(invalid_settings(err, source)) from None
