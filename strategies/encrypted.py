@@ -20,7 +20,7 @@ public random initialization).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
@@ -31,7 +31,7 @@ from dmsc_fed.errors import PrivacyError
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.wire import ARRAYS_KEY, CT_PREFIX, CT_WEIGHT, METRICS_KEY, WEIGHT_KEY, WEIGHT_TOTAL_KEY
 from strategies.fedavg import WeightedFedAvg
-from strategies.validation import ArraySpec, check_encrypted_reply
+from strategies.validation import check_encrypted_reply, specs_of
 
 
 class EncryptedFedAvg(WeightedFedAvg):
@@ -66,9 +66,7 @@ class EncryptedFedAvg(WeightedFedAvg):
         cls, *, initial: ArrayRecord, public_context: Any, slots: int, max_chunk_bytes: int, **kwargs: Any
     ) -> EncryptedFedAvg:
         """Build the strategy for the model whose plaintext initialization is ``initial``."""
-        expected: Mapping[str, ArraySpec] = {
-            k: ArraySpec(shape=tuple(a.shape), dtype=str(a.dtype)) for k, a in initial.items()
-        }
+        expected = specs_of(initial)
         num_values = sum(int(np.prod(s.shape)) for s in expected.values())
         return cls(
             expected_arrays=expected,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +25,19 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> 
         cwd=ROOT,
         check=False,
     )
+
+
+def run_job(
+    config: Path, tmp_path: Path, *flags: str, timeout: float = 840
+) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, Any]]:
+    """``dmsc-fed run CONFIG`` into ``tmp_path/run`` with its own run lock; asserts success.
+
+    Returns the finished process, the run directory and its ``summary.json``.
+    """
+    out = tmp_path / "run"
+    res = cli("run", str(config), "--out", str(out), *flags, timeout=timeout, env={"DMSC_FED_HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res, out, json.loads((out / "summary.json").read_text())
 
 
 def processes_under(path: Path) -> list[int]:

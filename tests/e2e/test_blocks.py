@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, cli, processes_under
+from tests.helpers import ROOT, processes_under, run_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_block_mode_example(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    res = cli(
-        "run",
-        str(ROOT / "examples/blocks/config.toml"),
-        "--out",
-        str(out),
-        timeout=840,
-        env={"DMSC_FED_HOME": str(tmp_path)},
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    _res, out, summary = run_job(ROOT / "examples/blocks/config.toml", tmp_path, timeout=840)
     assert summary["rounds_completed"] == 3 and summary["rejected"] == []
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(sorted(r["train_sites"]) == ["cpu-a", "cpu-b", "gpu-a", "gpu-b"] for r in rows)

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, cli, processes_under
+from tests.helpers import ROOT, processes_under, run_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_hospital_example_with_dp_and_he(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    res = cli(
-        "run",
-        str(ROOT / "examples/hospital/config.toml"),
-        "--out",
-        str(out),
-        timeout=840,
-        env={"DMSC_FED_HOME": str(tmp_path)},
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    res, _out, summary = run_job(ROOT / "examples/hospital/config.toml", tmp_path, timeout=840)
     assert summary["rounds_completed"] == summary["rounds_planned"]
     assert set(summary["sites"]) == {"st-mary", "general", "childrens"}
     fed, central = summary["final_metrics"]["accuracy"], summary["centralized_baseline"]["accuracy"]
