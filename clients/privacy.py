@@ -6,11 +6,13 @@ raises, the ClientApp replies with an error, and no update leaves the site.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
+from numpy.typing import NDArray
 from torch import nn
 
 from clients.context import SiteContext
@@ -19,6 +21,7 @@ from dmsc_fed.data import SiteData
 from dmsc_fed.errors import PrivacyError
 from dmsc_fed.privacy import dp
 from dmsc_fed.privacy.signing import Binding, load_signing_key, sign
+from dmsc_fed.segmentation.layout import SegmentLayout, is_segment_key, open_segments
 from dmsc_fed.training import FitResult, train
 from dmsc_fed.wire import CT_PREFIX, CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY
 
@@ -46,22 +49,34 @@ def is_encrypted(arrays: ArrayRecord) -> bool:
     return CT_WEIGHT in arrays
 
 
-def open_global(arrays: ArrayRecord, *, model: nn.Module, site: SiteContext) -> dict[str, Any]:
-    """The global model's state dict, decrypting it if it arrived encrypted."""
-    if not is_encrypted(arrays):
-        return dict(arrays.to_torch_state_dict())
+def open_global(
+    arrays: ArrayRecord, *, model: nn.Module, site: SiteContext, layout: SegmentLayout | None = None
+) -> dict[str, Any]:
+    """The global model's state dict, decrypting it (or its encrypted segments) if it arrived encrypted."""
     import torch
 
-    from dmsc_fed.privacy.he import decrypt, flatten, unflatten
+    if layout is not None:
+        values = {k: a.numpy() for k, a in arrays.items()}
+        ctx = _he_context(site) if any(is_segment_key(k) for k in values) else None
+        state = open_segments(values=values, layout=layout, ctx=ctx)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    if not is_encrypted(arrays):
+        return dict(arrays.to_torch_state_dict())
 
-    weight = float(arrays[CT_WEIGHT].numpy()[0])
-    if not np.isfinite(weight) or weight <= 0:
-        raise PrivacyError(f"the encrypted global model carries an invalid weight {weight!r}")
-    chunks = [arrays[k].numpy().tobytes() for k in sorted(arrays) if k.startswith(CT_PREFIX) and k != CT_WEIGHT]
+    from dmsc_fed.privacy.he import decrypt_model
+
+    values = {k: a.numpy() for k, a in arrays.items()}
     reference = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    _, layout = flatten(reference)
-    vector = decrypt(ctx=_he_context(site), chunks=chunks, length=layout.size) / weight
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in unflatten(vector, layout).items()}
+    state = decrypt_model(values=values, reference=reference, ctx=_he_context(site))
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+def encrypter(site: SiteContext) -> Callable[[NDArray[np.float64]], list[bytes]]:
+    """``values -> ciphertext chunks`` with the site's CKKS secret context (PrivacyError without keys)."""
+    from dmsc_fed.privacy.he import encrypt
+
+    ctx = _he_context(site)
+    return lambda values: encrypt(ctx=ctx, values=values)
 
 
 def seal_update(*, model: nn.Module, cfg: FederationConfig, site: SiteContext, weight: float) -> ArrayRecord:
@@ -79,7 +94,7 @@ def seal_update(*, model: nn.Module, cfg: FederationConfig, site: SiteContext, w
 def sign_reply(content: RecordDict, *, cfg: FederationConfig, site: SiteContext, binding: Binding) -> RecordDict:
     """Sign ``content`` with the site's key; without keys, only a task with no privacy settings may go unsigned."""
     if site.keys is None:
-        if cfg.privacy.dp == "on" or cfg.privacy.encryption != "off":
+        if cfg.uses_dp or cfg.uses_encryption:
             raise PrivacyError("the task asks for privacy but this site has no key material to sign its updates")
         return content
     sign(content, binding=binding, key=load_signing_key(site.keys.signing_key))
@@ -95,10 +110,15 @@ def fit(
     task_id: str,
     server_round: int,
     seed: int,
+    dp_on: bool | None = None,
 ) -> tuple[FitResult, dict[str, float]] | Refusal:
-    """Train this round: plain SGD, or DP-SGD if the task asks, within the task's and the site's budgets."""
+    """Train this round: plain SGD, or DP-SGD if the task asks, within the task's and the site's budgets.
+
+    ``dp_on`` overrides the task's ``privacy.dp`` (segmented training decides per site
+    from its segments); the noise settings are always the task's.
+    """
     p = cfg.privacy
-    if p.dp == "off":
+    if not (p.dp == "on" if dp_on is None else dp_on):
         return train(model=model, x=data.x_train, y=data.y_train, cfg=cfg, device=site.torch_device(), seed=seed), {}
     ledger = dp.PrivacyLedger(site.state_dir / LEDGER_FILE)
     own = [e for e in ledger.entries if e.task == task_id]

@@ -10,28 +10,34 @@ from __future__ import annotations
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from clients import segments
+from clients import attention, segments
 from clients.context import SiteContext
-from clients.privacy import Refusal, fit, open_global, seal_update, sign_reply
+from clients.privacy import Refusal, encrypter, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
 from dmsc_fed.config import FederationConfig, config_from_json
 from dmsc_fed.data import Scaler, SiteData, describe_site, load_site_data
 from dmsc_fed.errors import ConfigError, PrivacyError
 from dmsc_fed.privacy import dp
-from dmsc_fed.privacy.policy import refusal
+from dmsc_fed.privacy.policy import refusal, segment_refusal
 from dmsc_fed.privacy.signing import Binding
 from dmsc_fed.wire import (
     ARRAYS_KEY,
+    ATTENTION_DISTANCES,
+    ATTENTION_PHASE,
+    ATTENTION_STEP,
+    ATTENTION_WEIGHTS,
     CONFIG_KEY,
+    CT_PREFIX,
     JOIN_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
     SCALER_MEAN,
     SCALER_STD,
+    SCORE_KEY,
     STATUS_KEY,
     TASK_ID_KEY,
     TASK_KEY,
@@ -105,8 +111,18 @@ def _task_for(
         return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
     data = load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
     model = model_for(cfg)
-    model.load_state_dict(open_global(_arrays(content), model=model, site=site))
+    layout = segments.layout_of(_config(content))
+    model.load_state_dict(open_global(_arrays(content), model=model, site=site, layout=layout))
     return cfg, site, binding, data, model
+
+
+def _site_model(cfg: FederationConfig, site: SiteContext, model: nn.Module) -> nn.Module:
+    """What the site trains and evaluates: the model, or in business mode its task's view of it."""
+    from dmsc_fed.data.site import site_task
+    from dmsc_fed.models.zoo import task_view
+
+    task = site_task(cfg=cfg, site=site.name)
+    return model if task is None else task_view(model=model, task=task)
 
 
 def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
@@ -141,38 +157,60 @@ def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
 
 def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
     """Train the received global model on the site's training split and return the sealed, signed update."""
+    phase = _config(content).get(ATTENTION_PHASE)
+    if phase == "combine":
+        return _attention_share(content, node_config)
     task = _task_for(content, node_config, "train")
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
-    blocks = segments.assignment(_config(content))
-    if blocks is not None:
-        if cfg.privacy.encryption != "off":
-            raise PrivacyError("block-mode updates cannot be encrypted yet; refusing to send them in clear")
-        segments.freeze_outside(model, blocks)
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    plan = segments.assignment(_config(content), site=site.name)
+    if plan is not None:
+        refused = segment_refusal(site.policy, segments={s.name: (s.dp, s.encrypted) for s in plan.segments})
+        if refused is not None:
+            return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
+        segments.freeze_outside(model, plan)
     seed = cfg.seed * 100_003 + binding.round * 101 + cfg.site_index(site.name)
     outcome = fit(
-        model=model, cfg=cfg, data=data, site=site, task_id=binding.task, server_round=binding.round, seed=seed
+        model=_site_model(cfg, site, model),
+        cfg=cfg,
+        data=data,
+        site=site,
+        task_id=binding.task,
+        server_round=binding.round,
+        seed=seed,
+        dp_on=plan.dp if plan is not None else None,
     )
     if isinstance(outcome, Refusal):
         return sign_reply(_refused(outcome.reason, outcome.metrics), cfg=cfg, site=site, binding=binding)
     result, privacy_metrics = outcome
-    total = float(_config(content).get(WEIGHT_TOTAL_KEY, 0) or 0)  # type: ignore[arg-type]
-    weight = result.num_examples / total if total > 0 else 1.0
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES_KEY: result.num_examples,
         "loss": result.loss,
         "accuracy": result.accuracy,
+        SCORE_KEY: _score(cfg, site, data, model),
         "train-time-s": result.seconds,
         **privacy_metrics,
     }
-    if cfg.privacy.encryption != "off":
-        metrics[WEIGHT_KEY] = weight
-    update = (
-        segments.extract_blocks(model, blocks)
-        if blocks is not None
-        else seal_update(model=model, cfg=cfg, site=site, weight=weight)
-    )
+    if phase == "scores":  # encrypted FedAtt, phase 1: keep both models, report only the distances
+        trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        attention.save_pair(
+            state_dir=site.state_dir, task_id=binding.task, server_round=binding.round, server=received, local=trained
+        )
+        scores: dict[str, Any] = dict(metrics)
+        scores[ATTENTION_DISTANCES] = attention.distances(server=received, local=trained)
+        return sign_reply(RecordDict({METRICS_KEY: MetricRecord(scores)}), cfg=cfg, site=site, binding=binding)
+    if plan is not None:
+        encrypt = encrypter(site) if plan.encrypted else None
+        update, weights = segments.seal_segments(model, plan, num_examples=result.num_examples, encrypt=encrypt)
+        metrics.update(weights)
+    else:
+        total = float(_config(content).get(WEIGHT_TOTAL_KEY, 0) or 0)  # type: ignore[arg-type]
+        weight = result.num_examples / total if total > 0 else 1.0
+        if cfg.privacy.encryption != "off":
+            metrics[WEIGHT_KEY] = weight
+        update = seal_update(model=model, cfg=cfg, site=site, weight=weight)
     reply = RecordDict(
         {
             ARRAYS_KEY: update,
@@ -180,6 +218,35 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
         }
     )
     return sign_reply(reply, cfg=cfg, site=site, binding=binding)
+
+
+def _attention_share(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
+    """Encrypted FedAtt, phase 2: the site's encrypted, attention-weighted share of the new model."""
+    cfg, site, refused = _prepare(content, node_config)
+    binding = _binding(content, site, "attention")
+    if refused is not None:
+        return sign_reply(_refused(refused), cfg=cfg, site=site, binding=binding)
+    rec = _config(content)
+    chunks = attention.share(
+        state_dir=site.state_dir,
+        task_id=binding.task,
+        server_round=binding.round,
+        weights=[float(a) for a in cast(list[float], rec.get(ATTENTION_WEIGHTS, []))],
+        step_size=float(cast(float, rec.get(ATTENTION_STEP, 1.0))),
+        encrypt=encrypter(site),
+    )
+    arrays = ArrayRecord({f"{CT_PREFIX}{i:05d}": Array(np.frombuffer(c, dtype=np.uint8)) for i, c in enumerate(chunks)})
+    return sign_reply(RecordDict({ARRAYS_KEY: arrays}), cfg=cfg, site=site, binding=binding)
+
+
+def _score(cfg: FederationConfig, site: SiteContext, data: SiteData, model: nn.Module) -> float:
+    """The site's validation score of its trained local model: accuracy on its held-out split."""
+    from dmsc_fed.training import evaluate
+
+    if data.num_test == 0:
+        return 0.0
+    view = _site_model(cfg, site, model)
+    return evaluate(model=view, x=data.x_test, y=data.y_test, device=site.torch_device()).accuracy
 
 
 def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
@@ -190,6 +257,6 @@ def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordD
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
-    res = evaluate(model=model, x=data.x_test, y=data.y_test, device=site.torch_device())
+    res = evaluate(model=_site_model(cfg, site, model), x=data.x_test, y=data.y_test, device=site.torch_device())
     metrics = MetricRecord({NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy})
     return sign_reply(RecordDict({METRICS_KEY: metrics}), cfg=cfg, site=site, binding=binding)

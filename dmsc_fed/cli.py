@@ -77,18 +77,16 @@ def check_task(cfg: FederationConfig, *, for_run: bool = False) -> None:
     if for_run:  # also: the strategy fits the privacy settings and the segmentation mode can run
         registry.strategy_for(cfg)
     else:
-        registry.check_options(registry.resolve_strategy(cfg.strategy.name), cfg.strategy.options)
-    seg = cfg.segmentation
-    if seg is None:
+        cls = registry.resolve_strategy(cfg.strategy.name)
+        registry.check_options(cls, cfg.strategy.options)
+        cls.check_config(cfg)
+    if cfg.segmentation is None:
         return
+    from dmsc_fed.segmentation.task import plan_task
     from dmsc_fed.training import model_for
 
-    model = model_for(cfg)
-    params = {k: v for k, v in model.state_dict().items()}
-    layers = [name for name, _ in model.named_children()] if seg.mode == "layer" else list(params)
-    seg.check_against(
-        layers=layers, sites=[s.name for s in cfg.sites], num_parameters=sum(v.numel() for v in params.values())
-    )
+    shapes = [(k, tuple(v.shape)) for k, v in model_for(cfg).state_dict().items()]
+    plan_task(cfg, shapes=shapes, members=[s.name for s in cfg.sites], fallback=registry.segment_rule(cfg))
 
 
 def _fmt(value: Any) -> str:

@@ -66,6 +66,16 @@ class RunFailedError(DmscError):
     exit_code = 8
 
 
+class StoreError(DmscError):
+    """The control-plane store cannot be reached, migrated or read, or an id in it is unknown.
+
+    Nothing already stored is lost when this is raised: failed writes and failed
+    migrations are rolled back.
+    """
+
+    exit_code = 10
+
+
 class Interrupted(DmscError):
     """The user stopped the run (Ctrl-C or SIGTERM)."""
 

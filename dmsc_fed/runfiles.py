@@ -4,6 +4,7 @@ Layout::
 
     OUT/config.json      the resolved federation config
     OUT/sites.json       the sites that joined and what they declared
+    OUT/segments.json    segmented tasks: every segment's parameter pieces, sites, privacy and rule
     OUT/metrics.jsonl    one JSON object per round, appended as rounds finish
     OUT/model.pt         final global state dict (torch.load(..., weights_only=True))
     OUT/model.safetensors the same, as safetensors
@@ -17,10 +18,13 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from dmsc_fed.segmentation.layout import SegmentLayout
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -61,21 +65,22 @@ def save_encrypted_model(out: Path, arrays: Mapping[str, NDArray[Any]]) -> Path:
 
 
 def decrypt_model_file(
-    *, path: Path, secret_context: bytes, reference: Mapping[str, NDArray[Any]]
+    *, path: Path, secret_context: bytes, reference: Mapping[str, NDArray[Any]], layout: SegmentLayout | None = None
 ) -> dict[str, NDArray[Any]]:
     """Decrypt an encrypted global model with a site's CKKS secret context.
 
     ``reference`` is a state dict of the same architecture (its names, shapes and
     dtypes give the layout). Only a site, which holds the secret context, can do this.
+    A segmented model (``layout`` given) has its encrypted segments decrypted into place.
     """
     from safetensors.numpy import load_file
 
-    from dmsc_fed.privacy.he import decrypt, flatten, load_secret_context, unflatten
-    from dmsc_fed.wire import CT_PREFIX, CT_WEIGHT
+    from dmsc_fed.privacy.he import decrypt_model, load_secret_context
 
     stored = load_file(str(path))
-    weight = float(stored[CT_WEIGHT][0])
-    chunks = [stored[k].tobytes() for k in sorted(stored) if k.startswith(CT_PREFIX) and k != CT_WEIGHT]
-    _, layout = flatten(reference)
-    vector = decrypt(ctx=load_secret_context(secret_context), chunks=chunks, length=layout.size) / weight
-    return unflatten(vector, layout)
+    ctx = load_secret_context(secret_context)
+    if layout is not None:
+        from dmsc_fed.segmentation.layout import open_segments
+
+        return open_segments(values=stored, layout=layout, ctx=ctx)
+    return decrypt_model(values=stored, reference=reference, ctx=ctx)

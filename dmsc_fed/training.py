@@ -42,13 +42,14 @@ def data_shape(cfg: FederationConfig) -> DataShape:
 
 
 def model_for(cfg: FederationConfig, *, seed: int | None = None) -> nn.Module:
-    """The configured model for the configured dataset."""
+    """The configured model for the configured dataset (a multi-task model gets a head per dataset task)."""
     shape = data_shape(cfg)
     return build_model(
         spec=cfg.model,
         num_features=shape.num_features,
         num_classes=shape.num_classes,
         image_shape=shape.image_shape,
+        tasks=shape.task_classes or None,
         seed=seed,
     )
 

@@ -24,7 +24,29 @@ CT_PREFIX = "ct-"  # encrypted global model / update: ArrayRecord of uint8 ciphe
 CT_WEIGHT = "ct-weight"  # float64[1] in an encrypted global model: the weight the sum must be divided by
 EPSILON_KEY = "epsilon"  # a site's spend on this task so far (in METRICS_KEY)
 EPSILON_TOTAL_KEY = "epsilon-site"  # the site's total spend across tasks (in METRICS_KEY)
-SEGMENT_BLOCKS = "segment-blocks"  # block mode: ids of the blocks this site trains (in CONFIG_KEY)
-SEGMENT_OFFSETS = "segment-offsets"  # their offsets in the flat parameter vector
-SEGMENT_LENGTHS = "segment-lengths"  # their lengths
-BLOCK_PREFIX = "block-"  # a site's block-mode update: ArrayRecord "block-00003", ... of float32 values
+SEGMENTS_KEY = "segments"  # segmented training: the run's segment layout as JSON (in CONFIG_KEY)
+SEGMENT_NAMES = "segment-names"  # the segments this site trains this round (in CONFIG_KEY)
+SEGMENT_WEIGHT_TOTALS = "segment-weight-totals"  # per segment above: its training sites' declared sizes, summed
+
+
+def segment_key(name: str) -> str:
+    """A plaintext segment update: one float32 vector of the segment's values (ArrayRecord key)."""
+    return f"seg:{name}"
+
+
+def segment_chunk_key(name: str, index: int) -> str:
+    """Chunk ``index`` of an encrypted segment, in an update or in the global model (ArrayRecord key)."""
+    return f"seg:{name}:ct:{index:05d}"
+
+
+def segment_weight_key(name: str) -> str:
+    """An encrypted segment's weight: applied by a site (MetricRecord) or summed in the global model (ArrayRecord)."""
+    return f"seg:{name}:weight"
+
+
+SCORE_KEY = "val-accuracy"  # a site's validation score of its trained local model (in METRICS_KEY of a train reply)
+# Encrypted FedAtt (two phases per round, see strategies/encrypted_attention.py), in CONFIG_KEY / METRICS_KEY:
+ATTENTION_PHASE = "attention-phase"  # "scores": train and report distances; "combine": send the weighted share
+ATTENTION_STEP = "attention-step"  # the server step size epsilon
+ATTENTION_WEIGHTS = "attention-weights"  # phase 2: this site's softmax weight per tensor, in state-dict order
+ATTENTION_DISTANCES = "attention-distances"  # phase 1 reply: ||w - w_k|| per tensor, in state-dict order

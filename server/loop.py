@@ -20,12 +20,25 @@ from dmsc_fed import __version__
 from dmsc_fed.config import FederationConfig, config_from_json, load_config
 from dmsc_fed.data.scaling import fit_scaler
 from dmsc_fed.errors import ConfigError, RunFailedError
+from dmsc_fed.privacy.he import HEProfile
 from dmsc_fed.runfiles import append_jsonl, save_encrypted_model, save_model, write_json
 from dmsc_fed.security.provision import ServerKeys
-from dmsc_fed.segmentation.block import BlockPlan, plan_blocks
+from dmsc_fed.segmentation.layout import SegmentLayout, is_segment_key
+from dmsc_fed.segmentation.names import BACKBONE
+from dmsc_fed.segmentation.task import plan_task
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.training import model_for
-from dmsc_fed.wire import CT_WEIGHT, EPSILON_KEY, EPSILON_TOTAL_KEY, SCALER_MEAN, SCALER_STD, TASK_ID_KEY, TASK_KEY
+from dmsc_fed.wire import (
+    CT_WEIGHT,
+    EPSILON_KEY,
+    EPSILON_TOTAL_KEY,
+    NUM_EXAMPLES_KEY,
+    SCALER_MEAN,
+    SCALER_STD,
+    SEGMENTS_KEY,
+    TASK_ID_KEY,
+    TASK_KEY,
+)
 from server.join import discover_sites
 from strategies import (
     EncryptedFedAvg,
@@ -35,7 +48,8 @@ from strategies import (
     WeightedFedAvg,
     strategy_for,
 )
-from strategies.segmented import BlockFedAvg
+from strategies.encrypted_attention import EncryptedFedAtt
+from strategies.segmented import SegmentedFedAvg
 
 log = logging.getLogger("dmsc_fed.server")
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +86,7 @@ def _server_keys(cfg: FederationConfig, run_config: dict[str, Any]) -> ServerKey
     keys_dir = str(run_config.get("keys-dir", "") or "")
     if keys_dir:
         return ServerKeys.load(Path(keys_dir))
-    if cfg.privacy.dp == "on" or cfg.privacy.encryption != "off":
+    if cfg.uses_dp or cfg.uses_encryption:
         raise ConfigError(
             "the task asks for privacy, which needs the server's key material: set the run config 'keys-dir' "
             "(the server/ folder of 'dmsc-fed keys init')"
@@ -95,62 +109,78 @@ def signature_check(keys: ServerKeys, task_id: str) -> ReplyCheck:
     return check
 
 
-#: Relative training capacity of a site by resource pool (draft 6.3.8); block mode gives a
-#: GPU site four times the blocks of a CPU site.
-POOL_CAPACITY = {"cpu": 1.0, "gpu": 4.0}
+def segment_layout(cfg: FederationConfig, initial: ArrayRecord, sites: dict[int, SiteInfo]) -> SegmentLayout:
+    """Plan the task's segmentation over the sites that joined (RunFailedError if no plan fits them)."""
+    from strategies.registry import segment_rule
 
-
-def block_plan(cfg: FederationConfig, initial: ArrayRecord, sites: dict[int, SiteInfo]) -> BlockPlan:
-    """The block plan over the sites that joined, by their configured pools."""
-    seg = cfg.segmentation
-    assert seg is not None and seg.block is not None
-    pools = {s.name: s.pool for s in cfg.sites}
-    joined = sorted(s.name for s in sites.values())
+    joined = {s.name for s in sites.values()}
+    members = [s.name for s in cfg.sites if s.name in joined]
     try:
-        return plan_blocks(
-            parameters={k: tuple(a.shape) for k, a in initial.items()},
-            capacities={name: POOL_CAPACITY[pools[name]] for name in joined},
-            block_size=seg.block.block_size,
-            block_count=seg.block.block_count,
-            replication=seg.block.replication,
+        return plan_task(
+            cfg, shapes=[(k, tuple(a.shape)) for k, a in initial.items()], members=members, fallback=segment_rule(cfg)
         )
     except ConfigError as err:
-        raise RunFailedError(f"no block plan fits the {len(joined)} sites that joined ({joined}): {err}") from None
+        raise RunFailedError(f"no plan fits the {len(members)} sites that joined {members}: {err}") from None
 
 
-def _strategy(
-    cfg: FederationConfig, keys: ServerKeys | None, initial: ArrayRecord, **kwargs: Any
-) -> tuple[WeightedFedAvg, dict[str, Any] | None]:
-    cls = strategy_for(cfg)
-    if cls is BlockFedAvg:
-        plan = block_plan(cfg, initial, kwargs["sites"])
-        log.info(
-            "block plan: %d blocks, replication %d, %s",
-            len(plan.blocks),
-            plan.replication,
-            {site: len(ids) for site, ids in plan.assignment.items()},
-        )
-        return BlockFedAvg.for_model(initial=initial, plan=plan, **kwargs), None
-    if cfg.privacy.encryption == "off":
-        return cls.for_model(initial=initial, **kwargs, **cfg.strategy.options), None
-    from dmsc_fed.privacy.he import ciphertext_bytes_limit, get_profile, load_public_context
+def _he(cfg: FederationConfig, keys: ServerKeys | None) -> tuple[Any, HEProfile]:
+    from dmsc_fed.privacy.he import get_profile, load_public_context
 
-    assert keys is not None
+    if keys is None:
+        raise ConfigError("the task encrypts updates, which needs the server's key material (run config 'keys-dir')")
     if keys.he_profile != cfg.privacy.he_profile:
         raise ConfigError(
             f"privacy.he_profile = {cfg.privacy.he_profile!r}, but the federation's keys were made with "
             f"{keys.he_profile!r}"
         )
-    profile = get_profile(keys.he_profile)
-    ctx = load_public_context(keys.he_public.read_bytes())  # fails if a secret key is present
-    strategy = EncryptedFedAvg.for_encrypted_model(
+    return load_public_context(keys.he_public.read_bytes()), get_profile(keys.he_profile)  # fails on a secret key
+
+
+def _strategy(
+    cfg: FederationConfig, keys: ServerKeys | None, initial: ArrayRecord, **kwargs: Any
+) -> tuple[WeightedFedAvg, dict[str, Any] | None, SegmentLayout | None]:
+    from dmsc_fed.privacy.he import ciphertext_bytes_limit
+
+    cls = strategy_for(cfg)
+    if cls is SegmentedFedAvg:
+        from strategies.registry import rule_options
+
+        layout = segment_layout(cfg, initial, kwargs["sites"])
+        log.info(
+            "%s segmentation: %s",
+            layout.mode,
+            "; ".join(
+                f"{s.name} ({s.size} values{', DP' if s.dp else ''}{', CKKS' if s.encrypted else ''}, {s.rule}) "
+                f"on {list(s.sites)}"
+                for s in layout.segments[:16]
+            )
+            + (f"; ... {len(layout.segments) - 16} more" if len(layout.segments) > 16 else ""),
+        )
+        he: dict[str, Any] = {}
+        described = None
+        if layout.encrypted_segments:
+            ctx, profile = _he(cfg, keys)
+            he = {"public_context": ctx, "slots": profile.slots, "max_chunk_bytes": ciphertext_bytes_limit(profile)}
+            described = profile.describe()
+        segmented = SegmentedFedAvg.for_layout(
+            initial=initial, layout=layout, rule_options=rule_options(cfg), **he, **kwargs
+        )
+        return segmented, described, layout
+    if cfg.privacy.encryption == "off":
+        return cls.for_model(initial=initial, **kwargs, **cfg.strategy.options), None, None
+    ctx, profile = _he(cfg, keys)
+    extra: dict[str, Any] = {}
+    if cls is EncryptedFedAtt:
+        extra = {"step_size": cfg.strategy.options.get("step_size", 1.0), "phase_timeout": cfg.strategy.round_timeout_s}
+    strategy = (EncryptedFedAtt if cls is EncryptedFedAtt else EncryptedFedAvg).for_encrypted_model(
         initial=initial,
         public_context=ctx,
         slots=profile.slots,
         max_chunk_bytes=ciphertext_bytes_limit(profile),
+        **extra,
         **kwargs,
     )
-    return strategy, profile.describe()
+    return strategy, profile.describe(), None
 
 
 def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -> dict[str, Any]:
@@ -199,7 +229,7 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         if out is not None:
             append_jsonl(out / "metrics.jsonl", row)
 
-    strategy, he_params = _strategy(
+    strategy, he_params, layout = _strategy(
         cfg,
         keys,
         initial,
@@ -212,6 +242,10 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         seed=cfg.seed,
     )
     task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
+    if layout is not None:
+        task[SEGMENTS_KEY] = layout.to_json()
+        if out is not None:
+            (out / "segments.json").write_text(layout.to_json() + "\n")
     if joined.stats:
         if len(joined.stats) != len(sites):
             raise RunFailedError("federated scaling needs feature statistics from every site; some sent none")
@@ -238,6 +272,8 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         ended_early = str(done)
         log.warning("task ended before its last round: %s", done)
     outcome = _outcome(cfg, strategy, joined.refused, time.time() - started, he_params, ended_early)
+    if layout is not None:
+        outcome["segmentation"] = _segmentation_summary(layout, strategy.reports)
     if out is not None:
         _save_final(out, strategy.current or initial)
         write_json(out / "result.json", outcome)
@@ -246,9 +282,41 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
     return outcome
 
 
+def _segmentation_summary(layout: SegmentLayout, reports: list[RoundReport]) -> dict[str, Any]:
+    """The plan as it ran, and in business mode each task's evaluation over the sites holding it."""
+    summary: dict[str, Any] = {
+        "mode": layout.mode,
+        "segments": [
+            {
+                "name": s.name,
+                "values": s.size,
+                "sites": list(s.sites),
+                "dp": s.dp,
+                "encrypted": s.encrypted,
+                "rule": s.rule,
+            }
+            for s in layout.segments
+        ],
+    }
+    if layout.mode == "business":
+        last = next((r for r in reversed(reports) if r.evaluate), None)
+        tasks: dict[str, dict[str, float]] = {}
+        for seg in layout.segments:
+            if seg.name == BACKBONE or last is None:
+                continue
+            rows = [last.per_site[s]["evaluate"] for s in seg.sites if "evaluate" in last.per_site.get(s, {})]
+            n = sum(r[NUM_EXAMPLES_KEY] for r in rows)
+            if n > 0:
+                tasks[seg.name] = {
+                    key: sum(r[key] * r[NUM_EXAMPLES_KEY] for r in rows) / n for key in ("accuracy", "loss")
+                } | {"sites": float(len(rows))}
+        summary["tasks"] = tasks
+    return summary
+
+
 def _save_final(out: Path, arrays: ArrayRecord) -> None:
     values = {k: a.numpy() for k, a in arrays.items()}
-    if CT_WEIGHT in arrays:
+    if CT_WEIGHT in arrays or any(is_segment_key(k) for k in arrays):
         save_encrypted_model(out, values)  # the server cannot decrypt it; a site can
     else:
         save_model(out, values)

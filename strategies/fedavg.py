@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
+from dmsc_fed.config import FederationConfig
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.wire import (
     ARRAYS_KEY,
@@ -171,6 +172,17 @@ class WeightedFedAvg(FedAvg):
         self.reports: list[RoundReport] = []
         self.retired: dict[int, str] = {}  # sites that refused to train for good (budget spent), with the reason
         self.current: ArrayRecord | None = None  # the latest global model
+
+    @classmethod
+    def check_config(cls, cfg: FederationConfig) -> None:
+        """Checks of the task config this strategy needs before any process starts (hook; default: none).
+
+        Raises
+        ------
+        ConfigError
+            Naming what does not fit (e.g. options that name sites the federation lacks).
+
+        """
 
     @classmethod
     def for_model(cls, *, initial: ArrayRecord, **kwargs: Any) -> WeightedFedAvg:

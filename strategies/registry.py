@@ -16,7 +16,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from dmsc_fed.config import FederationConfig
 from dmsc_fed.errors import ConfigError
@@ -80,10 +80,14 @@ def check_options(cls: type[WeightedFedAvg], options: Mapping[str, Any]) -> None
     reserved = sorted(RESERVED & set(options))
     if reserved:
         raise ConfigError(f"strategy.options {reserved} are set by the framework, not by options")
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and cls is not WeightedFedAvg:
-        return
-    accepted = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+    accepted: set[str] = set()
+    for klass in cls.__mro__:  # a subclass passing **kwargs on accepts what its bases accept
+        if not (isinstance(klass, type) and issubclass(klass, WeightedFedAvg)):
+            break
+        params = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ConfigError(
@@ -91,24 +95,88 @@ def check_options(cls: type[WeightedFedAvg], options: Mapping[str, Any]) -> None
         )
 
 
+#: The per-segment rule each built-in strategy stands for in segmented training.
+SEGMENT_RULES = {
+    "fedavg": "mean",
+    "median": "median",
+    "trimmed-mean": "trimmed-mean",
+    "krum": "krum",
+    "fedatt": "attention",
+}
+
+
+def segment_rule(cfg: FederationConfig) -> str:
+    """The default per-segment rule of a segmented task: the spec's, else the one its strategy stands for."""
+    seg = cfg.segmentation
+    assert seg is not None
+    if seg.aggregation.default is not None:
+        return seg.aggregation.default
+    try:
+        return SEGMENT_RULES[cfg.strategy.name]
+    except KeyError:
+        raise ConfigError(
+            f"segmented training aggregates each segment by a rule; strategy {cfg.strategy.name!r} is not one. "
+            f"Use strategy {sorted(SEGMENT_RULES)} or set [segmentation.aggregation] default"
+        ) from None
+
+
+def rule_options(cfg: FederationConfig) -> dict[str, dict[str, float]]:
+    """Rule -> options: the strategy's options for its own rule, under ``[segmentation.aggregation.options]``."""
+    seg = cfg.segmentation
+    assert seg is not None
+    out: dict[str, dict[str, float]] = {}
+    own = SEGMENT_RULES.get(cfg.strategy.name)
+    if own is not None and cfg.strategy.options:
+        out[own] = {}
+        for key, value in cfg.strategy.options.items():
+            if isinstance(value, dict | str):
+                raise ConfigError(f"strategy option {key!r} of rule {own!r} must be a number, got {value!r}")
+            out[own][key] = float(value)
+    for rule, opts in seg.aggregation.options.items():
+        out[rule] = out.get(rule, {}) | dict(opts)
+    return out
+
+
+def _check_segment_rules(cfg: FederationConfig) -> None:
+    """Encrypted segments can only be added: every rule that may meet one must be ``mean``."""
+    from dmsc_fed.segmentation.spec import SegmentPrivacy
+
+    seg = cfg.segmentation
+    assert seg is not None
+    default = segment_rule(cfg)
+    task = SegmentPrivacy(dp=cfg.privacy.dp, encryption=cfg.privacy.encryption)
+    if default != "mean" and seg.privacy.default.over(task).encryption != "off":
+        raise ConfigError(
+            f"segments are encrypted by default, so the server can only add them (rule 'mean'), not apply {default!r}: "
+            "set a rule per unencrypted segment in [segmentation.aggregation.segments] instead"
+        )
+    for name in sorted(set(seg.aggregation.segments) | set(seg.privacy.segments)):
+        named = seg.rule_for(name, fallback=default)
+        if named != "mean" and seg.privacy_for(name).over(task).encryption != "off":
+            raise ConfigError(f"segment {name!r} is encrypted, so it can only be added (rule 'mean'), not {named!r}")
+
+
 def strategy_for(cfg: FederationConfig) -> type[WeightedFedAvg]:
     """The strategy class of task ``cfg``, checked: importable, options accepted, fits the privacy settings."""
+    if cfg.segmentation is not None:
+        from dmsc_fed.segmentation.spec import RULE_OPTIONS
+        from strategies.segmented import SegmentedFedAvg
+
+        _check_segment_rules(cfg)
+        for rule, opts in rule_options(cfg).items():
+            unknown = sorted(set(opts) - RULE_OPTIONS[rule])
+            if unknown:
+                raise ConfigError(f"segment rule {rule!r} does not take option(s) {unknown}")
+        return SegmentedFedAvg
     cls = resolve_strategy(cfg.strategy.name)
     check_options(cls, cfg.strategy.options)
-    seg = cfg.segmentation
-    if seg is not None:
-        from strategies.segmented import BlockFedAvg
+    cls.check_config(cfg)
+    if cfg.privacy.encryption != "off" and cls.__name__ == "FedAttFedAvg":
+        from strategies.encrypted_attention import EncryptedFedAtt
 
-        if seg.mode != "block":
-            raise ConfigError(
-                f"segmented training in mode {seg.mode!r} is validated but not yet run by this version "
-                "(block mode is); remove [segmentation] to train the whole model"
-            )
-        if cfg.privacy.encryption != "off":
-            raise ConfigError("block mode cannot encrypt its per-block updates yet: set privacy.encryption = 'off'")
-        if cls is not WeightedFedAvg:
-            raise ConfigError(f"block mode averages each block (strategy 'fedavg'), not {cfg.strategy.name!r}")
-        return BlockFedAvg
+        if float(cast(float, cfg.strategy.options.get("noise_std", 0.0))) != 0.0:
+            raise ConfigError("fedatt's server noise (noise_std) is not available with encryption on: set it to 0")
+        return EncryptedFedAtt
     if cfg.privacy.encryption != "off" and cls is not WeightedFedAvg:
         raise ConfigError(
             f"strategy {cfg.strategy.name!r} aggregates plaintext updates; with encryption on the server can only "

@@ -1,114 +1,214 @@
-"""FedAvg per block: block segmentation of draft-yang-dmsc-distributed-model-03, 6.2.5-6.2.7.
+"""Segment-aware aggregation: draft-yang-dmsc-distributed-model-03, sections 6.2.5-6.2.7.
 
-The model's flat parameter vector is cut into blocks (:mod:`dmsc_fed.segmentation.block`);
-every site trains the whole model on its data but returns only the blocks it was
-assigned, every block is trained by ``r`` sites each round, and each block is
-averaged, weighted by sample count, over the sites that returned it. A block that no
-valid reply carried keeps its previous values.
+One strategy serves the three segmentation modes, because at run time they differ
+only in their :class:`~dmsc_fed.segmentation.layout.SegmentLayout`: layer stages,
+business backbone and task heads, or blocks of the flat parameter vector, each a set
+of parameter pieces trained by some sites, with its own privacy and aggregation rule.
+
+Each round:
+
+1. Every connected member site that trains a segment is sent the global model, the
+   names of its segments and, per segment, the sum of the declared training sizes of
+   the sites training it this round (``segment-weight-totals``).
+2. The site decrypts the encrypted segments of the global model, trains only the
+   parameters its segments touch (the rest frozen; DP-SGD when any of them asks for
+   DP), and returns only its segments: a plaintext segment as one float32 vector, an
+   encrypted one as CKKS ciphertexts of ``w_i * values`` with ``w_i = n_i / total``.
+3. The server checks every reply (:func:`~strategies.validation.check_segment_reply`)
+   and aggregates each segment over the sites that returned it: a plaintext segment by
+   its rule (``mean`` weighted by sample count as in FedAvg, McMahan et al. 2017;
+   ``median``, ``trimmed-mean``, ``krum``, ``attention``: :mod:`strategies.aggregators`),
+   an encrypted one by adding ciphertexts (the weights sum travels with them and the
+   sites divide when they decrypt). A segment that no valid reply carried keeps its
+   previous value, encrypted or not.
+
+The server never holds a plaintext value of an encrypted segment after round 1: in
+the new global model those ranges of the plaintext tensors are zero and the segment
+travels as ``seg:<name>:ct:<i>`` chunks with its ``seg:<name>:weight``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from numpy.typing import NDArray
 
-from dmsc_fed.privacy.he import flatten, unflatten
-from dmsc_fed.segmentation.block import BlockPlan, aggregate_blocks
+from dmsc_fed.errors import ConfigError, PrivacyError
+from dmsc_fed.segmentation.layout import RunSegment, SegmentLayout
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.wire import (
     ARRAYS_KEY,
-    BLOCK_PREFIX,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
-    SEGMENT_BLOCKS,
-    SEGMENT_LENGTHS,
-    SEGMENT_OFFSETS,
+    SEGMENT_NAMES,
+    SEGMENT_WEIGHT_TOTALS,
+    segment_chunk_key,
+    segment_key,
+    segment_weight_key,
 )
+from strategies.aggregators import get_aggregator
 from strategies.fedavg import WeightedFedAvg
-from strategies.validation import check_metrics
+from strategies.validation import check_segment_reply, specs_of
 
 
-def block_key(index: int) -> str:
-    """Record key of block ``index`` in a site's update."""
-    return f"{BLOCK_PREFIX}{index:05d}"
-
-
-def check_block_reply(
-    content: RecordDict, *, max_examples: int, plan: BlockPlan, blocks: tuple[int, ...]
-) -> str | None:
-    """Why a block-mode reply must be left out: wrong blocks, lengths, dtypes or non-finite values."""
-    reason = check_metrics(content, max_examples)
-    if reason is not None:
-        return reason
-    arrays = content.get(ARRAYS_KEY)
-    if not isinstance(arrays, ArrayRecord):
-        return f"no ArrayRecord under {ARRAYS_KEY!r}"
-    expected = {block_key(i) for i in blocks}
-    if set(arrays) != expected:
-        return f"expected blocks {sorted(blocks)}, got {sorted(arrays)}"
-    for i in blocks:
-        arr = arrays[block_key(i)]
-        if str(arr.dtype) != "float32" or tuple(arr.shape) != (plan.blocks[i].length,):
-            return f"block {i} must be float32 of shape ({plan.blocks[i].length},), got {arr.dtype} {tuple(arr.shape)}"
-        if not np.isfinite(arr.numpy()).all():
-            return f"block {i} has non-finite values"
-    return None
-
-
-class BlockFedAvg(WeightedFedAvg):
-    """Weighted FedAvg per block over the sites that trained it.
+class SegmentedFedAvg(WeightedFedAvg):
+    """Train each segment on its sites and aggregate it by its own rule, in plaintext or under CKKS.
 
     Parameters
     ----------
-    plan
-        The block plan over the member sites (by name).
+    layout
+        The run's segments (pieces, sites, privacy, rule).
+    rule_options
+        Rule name -> its keyword parameters (e.g. ``{"trimmed-mean": {"beta": 0.2}}``).
+    public_context, slots, max_chunk_bytes
+        The server's key-less CKKS context and its geometry; required when a segment
+        is encrypted.
 
     """
 
-    def __init__(self, *, plan: BlockPlan, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        layout: SegmentLayout,
+        rule_options: Mapping[str, Mapping[str, float]] | None = None,
+        public_context: Any = None,
+        slots: int = 0,
+        max_chunk_bytes: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.plan = plan
+        self.layout = layout
+        self.rule_options = {k: dict(v) for k, v in (rule_options or {}).items()}
+        for seg in layout.segments:
+            get_aggregator(seg.rule)  # an unknown rule fails here, before round 1
+        if layout.encrypted_segments:
+            from dmsc_fed.privacy.he import has_secret_key
 
-    def _blocks_of(self, node: int) -> tuple[int, ...]:
-        return self.plan.blocks_of(site=self.sites[node].name)
+            if public_context is None or slots <= 0:
+                raise ConfigError("encrypted segments need the server's CKKS context (keys-dir)")
+            if has_secret_key(public_context):
+                raise PrivacyError("the server's CKKS context holds a secret key; refusing to aggregate with it")
+        self.public_context = public_context
+        self.slots = slots
+        self.max_chunk_bytes = max_chunk_bytes
+        self.weight_totals: dict[str, float] = {}
+        self.noise_rng = np.random.default_rng(kwargs.get("seed", 0))
+
+    @classmethod
+    def for_layout(cls, *, initial: ArrayRecord, layout: SegmentLayout, **kwargs: Any) -> SegmentedFedAvg:
+        """Build the strategy for the model whose initial parameters are ``initial``."""
+        return cls(expected_arrays=specs_of(initial), layout=layout, **kwargs)
+
+    # ------------------------------------------------------------------ rounds
+    def _segments_of(self, node: int) -> tuple[RunSegment, ...]:
+        return self.layout.of_site(self.sites[node].name)
 
     def train_nodes(self, grid: Grid) -> list[int]:
-        """Every connected member site with blocks trains (replication needs all of them)."""
+        """Every connected member site with a segment trains: each segment needs all its sites."""
         connected = set(grid.get_node_ids())
-        return sorted(n for n in self.sites if n in connected and n not in self.retired and self._blocks_of(n))
+        return sorted(n for n in self.sites if n in connected and n not in self.retired and self._segments_of(n))
 
     def node_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
-        """The shared config plus the blocks this node must return."""
-        blocks = self._blocks_of(node)
+        """The shared config plus the node's segments and their weight totals."""
         out = ConfigRecord(dict(config))
-        out[SEGMENT_BLOCKS] = list(blocks)
-        out[SEGMENT_OFFSETS] = [self.plan.blocks[i].offset for i in blocks]
-        out[SEGMENT_LENGTHS] = [self.plan.blocks[i].length for i in blocks]
+        segs = self._segments_of(node)
+        out[SEGMENT_NAMES] = [s.name for s in segs]
+        out[SEGMENT_WEIGHT_TOTALS] = [self.weight_totals.get(seg.name, 0.0) for seg in segs]
         return out
 
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
+    ) -> list[Message]:
+        # Weight totals depend on which sites train, known only once the nodes are chosen.
+        if kind == MessageType.TRAIN:
+            names = {self.sites[n].name for n in nodes}
+            self.weight_totals = {
+                seg.name: float(sum(self._num_train(s) for s in seg.sites if s in names))
+                for seg in self.layout.segments
+            }
+        return super()._messages(server_round, arrays, config, nodes, kind)
+
+    def _num_train(self, site: str) -> int:
+        return next(s.num_train for s in self.sites.values() if s.name == site)
+
+    # --------------------------------------------------------------- validation
     def check_train(self, site: SiteInfo, content: RecordDict, server_round: int) -> str | None:
-        """A block reply must carry exactly the site's blocks, float32, finite."""
-        return check_block_reply(
-            content, max_examples=site.num_train, plan=self.plan, blocks=self.plan.blocks_of(site=site.name)
+        """The reply must hold exactly the site's segments, each well formed."""
+        return check_segment_reply(
+            content,
+            max_examples=site.num_train,
+            segments=self.layout.of_site(site.name),
+            weight_totals=self.weight_totals,
+            slots=self.slots,
+            max_chunk_bytes=self.max_chunk_bytes,
         )
 
+    # --------------------------------------------------------------- aggregation
     def aggregate_arrays(self, accepted: list[tuple[SiteInfo, RecordDict]]) -> ArrayRecord:
-        """Average each block over the sites that returned it; untouched blocks keep their values."""
+        """Aggregate every segment over the sites that returned it, by its rule or under CKKS."""
         assert self.current is not None
-        base_arrays = {k: a.numpy() for k, a in self.current.items()}
-        flat, layout = flatten(base_arrays)
-        updates = {
-            site.name: {
-                i: c[ARRAYS_KEY][block_key(i)].numpy().astype(np.float64)  # type: ignore[union-attr]
-                for i in self.plan.blocks_of(site=site.name)
-            }
-            for site, c in accepted
-        }
-        weights = {site.name: float(c[METRICS_KEY][NUM_EXAMPLES_KEY]) for site, c in accepted}  # type: ignore[arg-type]
-        averaged = aggregate_blocks(updates=updates, weights=weights, plan=self.plan)
-        merged = self.plan.merge(base=flat, values=averaged)
-        out = unflatten(merged, layout)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v.astype(base_arrays[k].dtype))) for k, v in out.items()})
+        previous = self.current
+        state = {k: a.numpy() for k, a in previous.items() if k in self.expected_arrays}
+        extra: dict[str, NDArray[Any]] = {}
+        for seg in self.layout.segments:
+            senders = [(site, c) for site, c in accepted if site.name in seg.sites]
+            if seg.encrypted:
+                chunks, weight = self._encrypted(seg, senders, previous)
+                if chunks is None:
+                    continue  # no reply and no ciphertext yet: the plaintext initial values stay
+                state = self.layout.scatter(state, seg, np.zeros(seg.size))
+                for i, chunk in enumerate(chunks):
+                    extra[segment_chunk_key(seg.name, i)] = chunk
+                extra[segment_weight_key(seg.name)] = np.array([weight], dtype=np.float64)
+            elif senders:
+                state = self.layout.scatter(state, seg, self._plain(seg, senders, state))
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+        for key, value in extra.items():
+            record[key] = Array(np.ascontiguousarray(value))
+        return record
+
+    def _plain(
+        self, seg: RunSegment, senders: list[tuple[SiteInfo, RecordDict]], state: Mapping[str, NDArray[Any]]
+    ) -> NDArray[Any]:
+        updates = [
+            self.layout.split(seg, cast(ArrayRecord, c[ARRAYS_KEY])[segment_key(seg.name)].numpy()) for _, c in senders
+        ]
+        samples = [float(cast(int, cast(MetricRecord, c[METRICS_KEY])[NUM_EXAMPLES_KEY])) for _, c in senders]
+        params: dict[str, Any] = dict(self.rule_options.get(seg.rule, {}))
+        if seg.rule == "mean":
+            params["weights"] = samples
+        elif seg.rule == "krum":
+            params = {k: int(v) for k, v in params.items()} | {"weights": samples}
+            params.setdefault("num_malicious", 0)
+        elif seg.rule == "attention":
+            params.setdefault("step_size", 1.0)
+            params["server"] = self.layout.split(seg, self.layout.gather(state, seg).astype(np.float32))
+            params["rng"] = self.noise_rng
+        out = get_aggregator(seg.rule)(updates=updates, **params)
+        return self.layout.join(seg, out)
+
+    def _encrypted(
+        self, seg: RunSegment, senders: list[tuple[SiteInfo, RecordDict]], previous: ArrayRecord
+    ) -> tuple[list[NDArray[np.uint8]] | None, float]:
+        count = math.ceil(seg.size / self.slots)
+        if not senders:
+            if segment_weight_key(seg.name) not in previous:
+                return None, 0.0
+            chunks = [previous[segment_chunk_key(seg.name, i)].numpy() for i in range(count)]
+            return chunks, float(previous[segment_weight_key(seg.name)].numpy()[0])
+        from dmsc_fed.privacy.he import aggregate
+
+        updates = [
+            [cast(ArrayRecord, c[ARRAYS_KEY])[segment_chunk_key(seg.name, i)].numpy().tobytes() for i in range(count)]
+            for _, c in senders
+        ]
+        total = 0.0
+        for _, c in senders:
+            total += float(cast(float, cast(MetricRecord, c[METRICS_KEY])[segment_weight_key(seg.name)]))
+        summed = aggregate(ctx=self.public_context, updates=updates)
+        return [np.frombuffer(b, dtype=np.uint8) for b in summed], total

@@ -10,14 +10,24 @@ what the site declared when it joined.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from dmsc_fed.wire import ARRAYS_KEY, CT_PREFIX, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
+from dmsc_fed.segmentation.layout import RunSegment
+from dmsc_fed.wire import (
+    ARRAYS_KEY,
+    CT_PREFIX,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    WEIGHT_KEY,
+    segment_chunk_key,
+    segment_key,
+    segment_weight_key,
+)
 
 
 @dataclass(frozen=True)
@@ -125,9 +135,16 @@ def check_encrypted_reply(
     ``weight_total`` (the sampled sites' declared total), so no site can inflate
     its share.
     """
-    reason = check_metrics(content, max_examples)
+    reason = check_metrics(content, max_examples) or check_ciphertexts(
+        content, num_chunks=num_chunks, max_chunk_bytes=max_chunk_bytes
+    )
     if reason is not None:
         return reason
+    return _check_weight(content, WEIGHT_KEY, weight_total)
+
+
+def check_ciphertexts(content: RecordDict, *, num_chunks: int, max_chunk_bytes: int) -> str | None:
+    """Why a reply's arrays are not exactly ``num_chunks`` ciphertext chunks of at most ``max_chunk_bytes``."""
     arrays = content.get(ARRAYS_KEY)
     if not isinstance(arrays, ArrayRecord):
         return f"no ArrayRecord under {ARRAYS_KEY!r}"
@@ -138,17 +155,78 @@ def check_encrypted_reply(
             return f"plaintext parameter(s) {plain[:3]} in an encrypted task"
         return f"expected {num_chunks} ciphertext chunks, got {len(arrays)}"
     for key in sorted(arrays):
-        arr = arrays[key]
-        if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
-            return f"chunk {key!r} is not a 1-D uint8 ciphertext (dtype {arr.dtype}, shape {tuple(arr.shape)})"
-        if arr.shape[0] > max_chunk_bytes:
-            return f"chunk {key!r} has {arr.shape[0]} bytes, more than the {max_chunk_bytes} a ciphertext can take"
+        problem = _check_chunk(key, arrays[key], max_chunk_bytes)
+        if problem:
+            return problem
+    return None
+
+
+def _check_weight(content: RecordDict, key: str, weight_total: float) -> str | None:
+    """The plaintext weight a site applied before encrypting must be its sample count over ``weight_total``."""
     metrics = content[METRICS_KEY]
     assert isinstance(metrics, MetricRecord)  # checked by check_metrics
-    weight = metrics.get(WEIGHT_KEY)
+    weight = metrics.get(key)
     if not isinstance(weight, float | int) or isinstance(weight, bool) or not math.isfinite(float(weight)):
-        return f"metric {WEIGHT_KEY!r} must be a finite number, got {weight!r}"
+        return f"metric {key!r} must be a finite number, got {weight!r}"
     n = cast(int, metrics[NUM_EXAMPLES_KEY])
     if weight_total <= 0 or abs(float(weight) - n / weight_total) > 1e-9:
-        return f"weight {weight} does not match {n} samples of the round's {weight_total:g}"
+        return f"weight {key!r} = {weight} does not match {n} samples of the round's {weight_total:g}"
+    return None
+
+
+def _check_chunk(key: str, arr: Array, max_chunk_bytes: int) -> str | None:
+    if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
+        return f"chunk {key!r} is not a 1-D uint8 ciphertext (dtype {arr.dtype}, shape {tuple(arr.shape)})"
+    if arr.shape[0] > max_chunk_bytes:
+        return f"chunk {key!r} has {arr.shape[0]} bytes, more than the {max_chunk_bytes} a ciphertext can take"
+    return None
+
+
+def check_segment_reply(
+    content: RecordDict,
+    *,
+    max_examples: int,
+    segments: Sequence[RunSegment],
+    weight_totals: Mapping[str, float],
+    slots: int = 0,
+    max_chunk_bytes: int = 0,
+) -> str | None:
+    """Return why a segmented training reply must not be aggregated, or ``None``.
+
+    The reply must carry exactly the site's ``segments``: a plaintext segment as one
+    finite float32 vector of its size, an encrypted one as ``ceil(size / slots)``
+    ciphertext chunks with the weight the site applied (its sample count over the
+    segment's ``weight_totals`` entry) in its metrics.
+    """
+    reason = check_metrics(content, max_examples)
+    if reason is not None:
+        return reason
+    arrays = content.get(ARRAYS_KEY)
+    if not isinstance(arrays, ArrayRecord):
+        return f"no ArrayRecord under {ARRAYS_KEY!r}"
+    expected: set[str] = set()
+    for seg in segments:
+        if seg.encrypted:
+            expected.update(segment_chunk_key(seg.name, i) for i in range(math.ceil(seg.size / max(slots, 1))))
+        else:
+            expected.add(segment_key(seg.name))
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        return f"the reply does not hold exactly the site's segments (missing {missing[:4]}, unexpected {extra[:4]})"
+    for seg in segments:
+        if seg.encrypted:
+            for i in range(math.ceil(seg.size / slots)):
+                key = segment_chunk_key(seg.name, i)
+                problem = _check_chunk(key, arrays[key], max_chunk_bytes)
+                if problem:
+                    return problem
+            problem = _check_weight(content, segment_weight_key(seg.name), weight_totals.get(seg.name, 0.0))
+            if problem:
+                return f"segment {seg.name!r}: {problem}"
+            continue
+        arr = arrays[segment_key(seg.name)]
+        if str(arr.dtype) != "float32" or tuple(arr.shape) != (seg.size,):
+            return f"segment {seg.name!r} must be float32 of shape ({seg.size},), got {arr.dtype} {tuple(arr.shape)}"
+        if not np.isfinite(arr.numpy()).all():
+            return f"segment {seg.name!r} has non-finite values"
     return None

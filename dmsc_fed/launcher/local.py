@@ -36,6 +36,7 @@ from dmsc_fed.launcher.runs import RunEvents, submit_and_follow
 from dmsc_fed.runfiles import ENCRYPTED_MODEL, decrypt_model_file, save_model
 from dmsc_fed.security.pki import TlsFiles
 from dmsc_fed.security.provision import ServerKeys, SiteKeys, provision
+from dmsc_fed.segmentation.layout import SegmentLayout
 
 HOST = "127.0.0.1"
 APP_PYPROJECT = """\
@@ -207,7 +208,11 @@ class LocalFederation:
 
         site = SiteKeys.load(self.keys / "sites" / self.cfg.sites[0].name)
         reference = {k: v.numpy() for k, v in model_for(self.cfg).state_dict().items()}
-        state = decrypt_model_file(path=encrypted, secret_context=site.he_secret.read_bytes(), reference=reference)
+        segments = self.out / "segments.json"
+        layout = SegmentLayout.from_json(segments.read_text()) if segments.exists() else None
+        state = decrypt_model_file(
+            path=encrypted, secret_context=site.he_secret.read_bytes(), reference=reference, layout=layout
+        )
         save_model(self.out, state)
 
     # ------------------------------------------------------------------ run

@@ -517,3 +517,33 @@ def unflatten(vector: NDArray[np.floating], layout: Layout) -> dict[str, NDArray
         offset += n
         out[name] = (np.rint(part) if dtype.kind in "biu" else part).astype(dtype)
     return out
+
+
+def decrypt_model(
+    *, values: Mapping[str, NDArray[Any]], reference: Mapping[str, NDArray[Any]], ctx: Any
+) -> dict[str, NDArray[Any]]:
+    """The plaintext state dict of an encrypted global model (``ct-*`` chunks and ``ct-weight``).
+
+    The decrypted sum is divided by its weight: one number for the whole model
+    (FedAvg), or one per tensor of ``reference`` in its order (encrypted FedAtt, whose
+    softmax weights differ per layer). ``reference`` gives names, shapes and dtypes.
+
+    Raises
+    ------
+    PrivacyError
+        A weight that is not positive and finite, a weight vector of the wrong length,
+        or chunks that do not decrypt.
+
+    """
+    from dmsc_fed.wire import CT_PREFIX, CT_WEIGHT
+
+    weight = np.asarray(values[CT_WEIGHT], dtype=np.float64).reshape(-1)
+    if weight.size not in (1, len(reference)) or not (np.isfinite(weight).all() and (weight > 0).all()):
+        raise PrivacyError(f"the encrypted global model carries an invalid weight {weight.tolist()[:4]!r}")
+    chunks = [np.asarray(values[k]).tobytes() for k in sorted(values) if k.startswith(CT_PREFIX) and k != CT_WEIGHT]
+    _, packing = flatten(reference)
+    vector = decrypt(ctx=ctx, chunks=chunks, length=packing.size)
+    out = unflatten(vector if weight.size > 1 else vector / weight[0], packing)
+    if weight.size > 1:
+        out = {k: (v / w).astype(v.dtype) for (k, v), w in zip(out.items(), weight, strict=True)}
+    return out

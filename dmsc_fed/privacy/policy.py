@@ -86,3 +86,19 @@ def refusal(policy: SitePolicy, cfg: FederationConfig) -> str | None:
     if policy.max_epsilon is not None and p.target_epsilon is not None and p.target_epsilon > policy.max_epsilon:
         return f"the task's target epsilon {p.target_epsilon:g} exceeds the site's maximum {policy.max_epsilon:g}"
     return None
+
+
+def segment_refusal(policy: SitePolicy, *, segments: dict[str, tuple[bool, bool]]) -> str | None:
+    """Why the site refuses to train its segments, given as ``name -> (dp, encrypted)``; None if it may.
+
+    In a segmented task a segment may turn DP or encryption off for itself; the site's
+    policy still holds for everything the site sends.
+    """
+    if policy.require_encryption:
+        plain = sorted(name for name, (_, encrypted) in segments.items() if not encrypted)
+        if plain:
+            return f"the site requires encrypted updates but segment(s) {plain} travel in clear"
+    wants_dp = policy.require_dp or policy.max_epsilon is not None or policy.min_noise_multiplier > 0
+    if wants_dp and segments and not any(dp for dp, _ in segments.values()):
+        return "the site requires differential privacy but none of its segments asks for DP"
+    return None

@@ -88,8 +88,8 @@ class Resources:
     Attributes
     ----------
     capacities
-        Site -> capacity, in member order; for layer mode, in pipeline order, one
-        site per stage.
+        Site -> capacity, in member order; for layer mode, in pipeline order
+        (contiguous groups of sites form the stages, see :func:`group_sites`).
     bandwidth
         Bytes per unit time between consecutive pipeline stages (layer mode).
     cut_latency
@@ -169,22 +169,53 @@ def _finish(
     )
 
 
-@register("layer")
-def plan_layer_mode(*, spec: SegmentationSpec, model: ModelProfile, resources: Resources) -> SegmentationPlan:
-    """Cut the layer chain into ``stages`` stages, stage ``k`` on the ``k``-th site of ``resources``."""
-    layer = spec.layer_spec
-    sites = list(resources.capacities)
-    if len(sites) != layer.stages:
+def group_sites(*, sites: Sequence[str], stages: int) -> tuple[tuple[str, ...], ...]:
+    """Split ``sites`` (in the given order) into ``stages`` contiguous groups, as even as possible.
+
+    With ``n`` sites, the first ``n mod stages`` groups have one site more than
+    the others: 7 sites over 3 stages give groups of 3, 2 and 2.
+
+    Raises
+    ------
+    ConfigError
+        Fewer sites than stages, or ``stages`` below 1.
+
+    """
+    if stages < 1:
+        raise ConfigError(f"layer mode needs at least one stage, got {stages}")
+    if len(sites) < stages:
         raise ConfigError(
-            f"layer mode runs stage k on the k-th site: give exactly {layer.stages} sites in pipeline order, "
+            f"layer mode runs every stage on at least one site: {stages} stages need at least {stages} sites, "
             f"got {len(sites)}"
         )
+    size, extra = divmod(len(sites), stages)
+    groups: list[tuple[str, ...]] = []
+    start = 0
+    for k in range(stages):
+        end = start + size + (1 if k < extra else 0)
+        groups.append(tuple(sites[start:end]))
+        start = end
+    return tuple(groups)
+
+
+@register("layer")
+def plan_layer_mode(*, spec: SegmentationSpec, model: ModelProfile, resources: Resources) -> SegmentationPlan:
+    """Cut the layer chain into ``stages`` stages over groups of sites.
+
+    The sites of ``resources`` (in pipeline order) are split into ``stages``
+    contiguous groups as evenly as possible (:func:`group_sites`); stage ``k``
+    runs on group ``k``, whose capacity is the sum of its sites' capacities (the
+    group trains the stage's layers together). With exactly ``stages`` sites,
+    stage ``k`` runs on the ``k``-th site.
+    """
+    layer = spec.layer_spec
+    groups = group_sites(sites=list(resources.capacities), stages=layer.stages)
     if len(model.layer_compute) != len(model.layers):
         raise ConfigError(f"the model profile has {len(model.layers)} layers but {len(model.layer_compute)} costs")
     chain = make_chain(
         compute=model.layer_compute,
         activation_bytes=model.activation_bytes,
-        capacities=[resources.capacities[s] for s in sites],
+        capacities=[sum(resources.capacities[s] for s in group) for group in groups],
         weights=CostWeights(
             compute=layer.weights.compute, communication=layer.weights.communication, latency=layer.weights.latency
         ),
@@ -204,7 +235,7 @@ def plan_layer_mode(*, spec: SegmentationSpec, model: ModelProfile, resources: R
             seed=t.seed,
             verify=t.verify,
         )
-    return _finish(spec=spec, sites={stage_segment(k): (site,) for k, site in enumerate(sites)}, detail=plan)
+    return _finish(spec=spec, sites={stage_segment(k): group for k, group in enumerate(groups)}, detail=plan)
 
 
 @register("business")

@@ -114,7 +114,8 @@ class LayerSpec(_Frozen):
     Attributes
     ----------
     stages
-        Number of pipeline stages; stage ``k`` runs on the ``k``-th site given to the planner.
+        Number of stages; the sites, in order, are split into ``stages`` groups and group
+        ``k`` trains stage ``k``.
     cut_ranges
         Where cuts may fall, as inclusive ``[start, end]`` ranges of layers, each end a
         layer index (0-based) or a layer name; a cut "at layer l" goes right after layer
@@ -306,6 +307,48 @@ class SegmentPrivacySpec(_Frozen):
     segments: dict[str, SegmentPrivacy] = Field(default_factory=dict)
 
 
+#: Per-segment aggregation rules (:mod:`strategies.aggregators`) and the options each takes.
+RULE_OPTIONS: dict[str, frozenset[str]] = {
+    "mean": frozenset(),
+    "median": frozenset(),
+    "trimmed-mean": frozenset({"beta"}),
+    "krum": frozenset({"num_malicious", "num_to_keep"}),
+    "attention": frozenset({"step_size", "noise_std"}),
+}
+Rule = Literal["mean", "median", "trimmed-mean", "krum", "attention"]
+
+
+class AggregationSpec(_Frozen):
+    """How each segment is aggregated (draft section 6.2.7): a default rule and per-segment rules.
+
+    Attributes
+    ----------
+    default
+        Rule of every segment not named in ``segments``; None: the rule of the task's
+        strategy (``fedavg`` -> ``mean``, ``median``, ``trimmed-mean``, ``krum``, ``fedatt`` ->
+        ``attention``).
+    segments
+        Segment name -> rule.
+    options
+        Rule -> its parameters (``trimmed-mean``: ``beta``; ``krum``: ``num_malicious``,
+        ``num_to_keep``; ``attention``: ``step_size``, ``noise_std``).
+
+    """
+
+    default: Rule | None = None
+    segments: dict[str, Rule] = Field(default_factory=dict)
+    options: dict[Rule, dict[str, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_options(self) -> AggregationSpec:
+        for rule, opts in self.options.items():
+            unknown = sorted(set(opts) - RULE_OPTIONS[rule])
+            if unknown:
+                takes = sorted(RULE_OPTIONS[rule]) or "no options"
+                raise ValueError(f"aggregation.options.{rule}: unknown option(s) {unknown}; {rule!r} takes {takes}")
+        return self
+
+
 class SegmentationSpec(_Frozen):
     """The segmentation interface of draft section 6.2.4: mode, its limits, privacy per segment.
 
@@ -318,6 +361,7 @@ class SegmentationSpec(_Frozen):
     business: BusinessSpec | None = None
     block: BlockSpec | None = None
     privacy: SegmentPrivacySpec = Field(default_factory=SegmentPrivacySpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
 
     @model_validator(mode="after")
     def _one_section(self) -> SegmentationSpec:
@@ -327,10 +371,11 @@ class SegmentationSpec(_Frozen):
                 raise ValueError(f"mode = {mode!r} needs a [segmentation.{mode}] section")
             if mode != self.mode and given:
                 raise ValueError(f"section [segmentation.{mode}] applies to mode = {mode!r}, not {self.mode!r}")
-        for name in self.privacy.segments:
-            problem = self._segment_problem(name)
-            if problem:
-                raise ValueError(f"privacy.segments.{name}: {problem}")
+        for where, names in (("privacy", self.privacy.segments), ("aggregation", self.aggregation.segments)):
+            for name in names:
+                problem = self._segment_problem(name)
+                if problem:
+                    raise ValueError(f"{where}.segments.{name}: {problem}")
         return self
 
     def _segment_problem(self, name: str, num_blocks: int | None = None) -> str | None:
@@ -371,6 +416,17 @@ class SegmentationSpec(_Frozen):
         if self.block is None:
             raise ConfigError(f"segmentation mode is {self.mode!r}, not 'block'")
         return self.block
+
+    def rule_for(self, segment: str, *, fallback: str) -> str:
+        """The aggregation rule of ``segment``: its own, else the spec's default, else ``fallback``."""
+        return self.aggregation.segments.get(segment) or self.aggregation.default or fallback
+
+    def asks_for(self, *, dp: bool = False, encryption: bool = False) -> bool:
+        """Whether the default or any segment override turns DP (or encryption) on."""
+        settings = [self.privacy.default, *self.privacy.segments.values()]
+        if dp and any(p.dp == "on" for p in settings):
+            return True
+        return encryption and any(p.encryption == "ckks" for p in settings)
 
     def privacy_for(self, segment: str) -> SegmentPrivacy:
         """The privacy of ``segment``: its override over the default (None fields inherit ``[privacy]``)."""
@@ -439,10 +495,11 @@ class SegmentationSpec(_Frozen):
                 if count is None:
                     assert self.block.block_size is not None
                     count = -(-num_parameters // self.block.block_size)
-                for name in self.privacy.segments:
-                    problem = self._segment_problem(name, num_blocks=min(count, num_parameters))
-                    if problem:
-                        problems.append(f"privacy.segments.{name}: {problem}")
+                for where, names in (("privacy", self.privacy.segments), ("aggregation", self.aggregation.segments)):
+                    for name in names:
+                        problem = self._segment_problem(name, num_blocks=min(count, num_parameters))
+                        if problem:
+                            problems.append(f"{where}.segments.{name}: {problem}")
         if problems:
             listed = "\n".join(f"  {p}" for p in problems)
             raise ConfigError(f"segmentation does not fit the model and sites:\n{listed}")

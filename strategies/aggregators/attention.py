@@ -34,13 +34,15 @@ parameter:
 2. It sends only these scalars, signed, to the server.
 3. The server turns them into softmax weights (:func:`attention_from_scores`) and
    sends each site its own per-layer weights :math:`\alpha_k^l`.
-4. Every site multiplies layer :math:`l` of its model by :math:`\alpha_k^l` in
-   plaintext, CKKS-encrypts the result and sends it; the server adds the
-   ciphertexts into :math:`\mathrm{Enc}(\sum_k \alpha_k^l w_k^l)` and returns the sum.
-5. The sites decrypt the sum :math:`A` and apply the step
-   :math:`w \leftarrow w - \epsilon (w - A)` (:func:`attention_step`). With noise,
-   the sites draw it from a shared seed, or the server adds plaintext noise of
-   standard deviation :math:`\beta/\epsilon` to the ciphertext sum.
+4. Every site encrypts :math:`\alpha_k^l \big((1 - \epsilon) w^l + \epsilon w_k^l\big)` (the
+   step folded into its share, since :math:`\sum_k \alpha_k^l = 1`) and sends it; the
+   server adds the ciphertexts into :math:`\mathrm{Enc}\big((1 - \epsilon) w + \epsilon
+   \sum_k \alpha_k w_k\big)`, the new model, with the per-layer sum of the weights of the
+   shares that arrived (the sites divide by it, renormalising if a share is missing).
+5. FedAtt's server noise is not offered under encryption.
+
+This is what :mod:`strategies.encrypted_attention` (server) and :mod:`clients.attention`
+(sites) run, in two message exchanges per round.
 
 The server learns one scalar per site and layer, never parameters. Those scalars
 are self-reported: the server cannot check them, and since a larger distance earns

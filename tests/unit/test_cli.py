@@ -196,20 +196,23 @@ def test_segmentation_spec_errors_before_anything_starts(tmp_path: Path, block: 
     assert needle in res.stderr
 
 
-def test_layer_mode_validates_but_is_not_run_yet(tmp_path: Path) -> None:
+def test_layer_mode_needs_as_many_layers_as_stages(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    layer = '[segmentation]\nmode = "layer"\n[segmentation.layer]\nstages = 2\n'
+    cfg.write_text('[[sites]]\nname = "a"\n[[sites]]\nname = "b"\n' + layer)  # logreg: one layer
+    res = cli("config", "validate", str(cfg))
+    assert res.returncode == 2 and "needs at least 2 layers" in res.stderr
+    _no_traceback(res)
+    cfg.write_text('[[sites]]\nname = "a"\n[[sites]]\nname = "b"\n[model]\nname = "mlp"\nhidden = [8]\n' + layer)
+    assert cli("config", "validate", str(cfg)).returncode == 0
+
+
+def test_an_encrypted_segment_with_a_plaintext_rule_fails_before_anything_starts(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        '[[sites]]\nname = "a"\n[[sites]]\nname = "b"\n[segmentation]\nmode = "layer"\n'
-        "[segmentation.layer]\nstages = 2\n"
+        SEGMENTED + "block_count = 4\nreplication = 2\n[segmentation.aggregation]\ndefault = 'median'\n"
+        "[privacy]\nencryption = 'ckks'\n"
     )
-    assert cli("config", "validate", str(cfg)).returncode == 0
     res = cli("run", str(cfg), "--out", str(tmp_path / "out"), env={"DMSC_FED_HOME": str(tmp_path)})
-    assert res.returncode == 2 and "not yet run" in res.stderr
+    assert res.returncode == 2 and "can only add them" in res.stderr
     assert not (tmp_path / "out").exists()
-
-
-def test_block_mode_refuses_encryption_before_anything_starts(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(SEGMENTED + "block_count = 4\nreplication = 2\n[privacy]\nencryption = 'ckks'\n")
-    res = cli("run", str(cfg), "--out", str(tmp_path / "out"), env={"DMSC_FED_HOME": str(tmp_path)})
-    assert res.returncode == 2 and "cannot encrypt its per-block updates yet" in res.stderr

@@ -42,7 +42,7 @@ def test_seeded_initialisation_is_reproducible() -> None:
 
 
 def test_registry_and_errors() -> None:
-    assert set(MODELS) == {"logreg", "mlp", "cnn"}
+    assert set(MODELS) == {"logreg", "mlp", "cnn", "multitask"}
     with pytest.raises(ModelError, match="needs image data"):
         build_model(spec=ModelSpec(name="cnn"), num_features=30, num_classes=2)
 

@@ -22,6 +22,7 @@ from dmsc_fed.segmentation import (
     solve_exact,
     solve_tabu,
 )
+from dmsc_fed.segmentation.registry import group_sites, plan_layer_mode
 
 
 def _random_chain(rng: np.random.Generator, layers: int, stages: int, *, restrict: bool = False) -> Chain:
@@ -162,5 +163,80 @@ def test_layer_mode_through_the_registry() -> None:
     )
     assert isinstance(tabu.detail, LayerPlan)
     assert tabu.detail.cost.total == pytest.approx(plan.detail.cost.total)
-    with pytest.raises(ConfigError, match="give exactly 3 sites"):
-        plan_segmentation(spec=spec, model=model, resources=Resources(capacities={"a": 1, "b": 1, "c": 1, "d": 1}))
+    # more sites than stages: contiguous groups (the first one larger); fewer: an error
+    grouped = plan_segmentation(
+        spec=spec, model=model, resources=Resources(capacities={"a": 1, "b": 1, "c": 1, "d": 1})
+    )
+    assert grouped.sites == {"stage-0": ("a", "b"), "stage-1": ("c",), "stage-2": ("d",)}
+    with pytest.raises(ConfigError, match="needs 3 sites"):
+        plan_segmentation(spec=spec, model=model, resources=Resources(capacities={"a": 1, "b": 1}))
+    with pytest.raises(ConfigError, match="3 stages need at least 3 sites, got 2"):
+        plan_layer_mode(spec=spec, model=model, resources=Resources(capacities={"a": 1, "b": 1}))
+
+
+@pytest.mark.parametrize(
+    ("sites", "stages", "sizes"),
+    [(7, 3, (3, 2, 2)), (6, 3, (2, 2, 2)), (3, 3, (1, 1, 1)), (5, 2, (3, 2)), (4, 1, (4,)), (10, 4, (3, 3, 2, 2))],
+)
+def test_group_sites_is_contiguous_and_as_even_as_possible(sites: int, stages: int, sizes: tuple[int, ...]) -> None:
+    names = [f"s{i}" for i in range(sites)]
+    groups = group_sites(sites=names, stages=stages)
+    assert tuple(len(g) for g in groups) == sizes
+    assert [s for g in groups for s in g] == names  # in the given order, every site once
+
+
+def test_group_sites_needs_a_site_per_stage() -> None:
+    with pytest.raises(ConfigError, match="3 stages need at least 3 sites, got 2"):
+        group_sites(sites=["a", "b"], stages=3)
+    with pytest.raises(ConfigError, match="at least one stage"):
+        group_sites(sites=["a"], stages=0)
+
+
+def test_grouped_stages_sum_their_sites_capacities() -> None:
+    # 7 sites over 3 stages: groups (a, b, c), (d, e), (f, g) with capacities 1+2+3 = 6, 4+4 = 8, 1+1 = 2
+    capacities = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 4.0, "f": 1.0, "g": 1.0}
+    compute = [6.0, 6.0, 8.0, 8.0, 2.0, 2.0]
+    model = ModelProfile.of(layers=[f"l{i}" for i in range(6)], layer_compute=compute, activation_bytes=[0.0] * 5)
+    spec = parse_segmentation(data={"mode": "layer", "layer": {"stages": 3, "solver": "exact"}})
+    plan = plan_segmentation(spec=spec, model=model, resources=Resources(capacities=capacities))
+    assert plan.sites == {"stage-0": ("a", "b", "c"), "stage-1": ("d", "e"), "stage-2": ("f", "g")}
+    assert isinstance(plan.detail, LayerPlan)
+    # the balanced cut puts 12 / 6, 16 / 8 and 4 / 2 = 2 time units on every group
+    assert plan.detail.cuts == (1, 3)
+    assert plan.detail.cost.stage_times == (2.0, 2.0, 2.0)
+    same = make_chain(compute=compute, activation_bytes=[0.0] * 5, capacities=[6.0, 8.0, 2.0])
+    assert plan.detail.cost == cut_cost(chain=same, cuts=plan.detail.cuts)
+    tabu = plan_segmentation(
+        spec=spec.model_copy(update={"layer": spec.layer_spec.model_copy(update={"solver": "tabu"})}),
+        model=model,
+        resources=Resources(capacities=capacities),
+    )
+    assert isinstance(tabu.detail, LayerPlan)
+    assert tabu.sites == plan.sites and tabu.detail.cost.total == pytest.approx(plan.detail.cost.total)
+
+
+def test_tabu_equals_exact_on_random_grouped_federations() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        layers = int(rng.integers(3, 12))
+        stages = int(rng.integers(2, min(layers, 4) + 1))
+        sites = int(rng.integers(stages, 3 * stages + 1))
+        capacities = {f"s{i}": float(rng.choice([1.0, 1.5, 4.0])) for i in range(sites)}
+        model = ModelProfile.of(
+            layers=[f"l{i}" for i in range(layers)],
+            layer_compute=rng.lognormal(0.0, 1.0, layers).tolist(),
+            activation_bytes=rng.lognormal(0.0, 1.0, layers - 1).tolist(),
+        )
+        plans = [
+            plan_segmentation(
+                spec=parse_segmentation(data={"mode": "layer", "layer": {"stages": stages, "solver": solver}}),
+                model=model,
+                resources=Resources(capacities=capacities, bandwidth=10.0),
+            )
+            for solver in ("exact", "tabu")
+        ]
+        exact, tabu = (p.detail for p in plans)
+        assert isinstance(exact, LayerPlan) and isinstance(tabu, LayerPlan)
+        assert tabu.cost.total == pytest.approx(exact.cost.total)
+        assert plans[0].sites == plans[1].sites
+        assert sum(len(g) for g in plans[0].sites.values()) == sites

@@ -1,0 +1,1 @@
+"""Revision scripts, applied in order ``0001`` -> ``0002`` -> ..."""
