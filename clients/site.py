@@ -53,6 +53,10 @@ def _config(content: RecordDict) -> ConfigRecord:
     return rec
 
 
+#: Bins of the score histograms a binary task's evaluation reply carries (for the federated ROC AUC).
+BINARY_BINS = 1000
+
+
 def _task(content: RecordDict) -> FederationConfig:
     return config_from_json(str(_config(content)[TASK_KEY]))
 
@@ -257,6 +261,14 @@ def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordD
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
-    res = evaluate(model=_site_model(cfg, site, model), x=data.x_test, y=data.y_test, device=site.torch_device())
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy})
-    return sign_reply(RecordDict({METRICS_KEY: metrics}), cfg=cfg, site=site, binding=binding)
+    view = _site_model(cfg, site, model)
+    res = evaluate(model=view, x=data.x_test, y=data.y_test, device=site.torch_device())
+    values: dict[str, Any] = {NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy}
+    if data.num_classes == 2 and data.num_test > 0:
+        # Confusion counts and score histograms, which the server adds up exactly (dmsc_fed.metrics).
+        from dmsc_fed.metrics import binary_counts, to_metric_lists
+        from dmsc_fed.training import predict_scores
+
+        scores = predict_scores(model=view, x=data.x_test, device=site.torch_device())
+        values.update(to_metric_lists(binary_counts(labels=data.y_test, scores=scores, bins=BINARY_BINS)))
+    return sign_reply(RecordDict({METRICS_KEY: MetricRecord(values)}), cfg=cfg, site=site, binding=binding)

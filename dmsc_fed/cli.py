@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from dmsc_fed import cli_control
 from dmsc_fed.config import FederationConfig, load_config
 from dmsc_fed.errors import DmscError
 
@@ -34,6 +35,10 @@ config_app = typer.Typer(no_args_is_help=True, help="Check federation config fil
 keys_app = typer.Typer(no_args_is_help=True, help="Create a federation's key material.")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+app.add_typer(cli_control.tasks_app, name="tasks")
+app.add_typer(cli_control.models_app, name="models")
+app.command("coordinator")(cli_control.coordinator)
+app.command("sites")(cli_control.sites)
 
 console = Console()
 
@@ -124,7 +129,14 @@ def _report(cfg: FederationConfig, result: dict[str, Any], *, baseline: dict[str
     )
     name = f"federated ({result['rounds_completed']} rounds{', ' + privacy if privacy else ''})"
     table.add_row(name, _fmt(fm.get("accuracy")), _fmt(fm.get("loss")))
-    if baseline is not None:
+    tasks = (result.get("segmentation") or {}).get("tasks") or {}
+    if tasks:  # business mode: each task over the sites holding it
+        for task, row in tasks.items():
+            table.add_row(f"  {task} (federated)", _fmt(row.get("accuracy")), _fmt(row.get("loss")))
+            pooled = ((baseline or {}).get("tasks") or {}).get(task)
+            if pooled is not None:
+                table.add_row(f"  {task} (centralized)", _fmt(pooled.get("accuracy")), _fmt(pooled.get("loss")))
+    elif baseline is not None:
         table.add_row(
             "centralized (pooled data, no privacy)", _fmt(baseline.get("accuracy")), _fmt(baseline.get("loss"))
         )
@@ -167,8 +179,15 @@ def run(
     with _progress(cfg.rounds) as events:
         result = LocalFederation(cfg=cfg, out=out, insecure=insecure, events=events).run()
     baseline = centralized_baseline(cfg=cfg)
+    seg = cfg.segmentation
+    per_task = {}
+    if seg is not None and seg.business is not None:
+        for task in seg.business.heads:
+            res = centralized_baseline(cfg=cfg, task=task)
+            per_task[task] = {"accuracy": res.accuracy, "loss": res.loss}
     summary = result | {
-        "centralized_baseline": {"accuracy": baseline.accuracy, "loss": baseline.loss},
+        "centralized_baseline": {"accuracy": baseline.accuracy, "loss": baseline.loss}
+        | ({"tasks": per_task} if per_task else {}),
         "wall_seconds": round(time.time() - started, 1),
         "secure_transport": not insecure,
     }

@@ -153,3 +153,38 @@ def evaluate(*, model: nn.Module, x: NDArray[np.float32], y: NDArray[np.int64], 
     loss = float(nn.functional.cross_entropy(out, yt))
     acc = float((out.argmax(1) == yt).float().mean())
     return EvalResult(loss=loss, accuracy=acc, num_examples=len(y))
+
+
+@torch.no_grad()
+def predict_scores(*, model: nn.Module, x: NDArray[np.float32], device: torch.device) -> NDArray[np.float64]:
+    """Predicted probability of the positive class (class 1) of a two-class model.
+
+    The softmax of the model's two outputs, column 1, computed in float64 so that
+    a score above 0.5 is exactly the argmax that :func:`evaluate` scores. Feed it
+    to :func:`dmsc_fed.metrics.binary_counts`.
+
+    Parameters
+    ----------
+    model
+        A classifier with two outputs per sample.
+    x
+        Features, one row per sample.
+    device
+        Where to run the model.
+
+    Returns
+    -------
+    NDArray[np.float64]
+        One score in ``[0, 1]`` per row of ``x``.
+
+    Raises
+    ------
+    ModelError
+        The model does not give two outputs per sample.
+
+    """
+    model.to(device).eval()
+    out = model(torch.from_numpy(x).to(device))
+    if out.ndim != 2 or out.shape[1] != 2:
+        raise ModelError(f"predict_scores needs a two-class model (outputs of shape (n, 2)), got {tuple(out.shape)}")
+    return torch.softmax(out.double(), dim=1)[:, 1].cpu().numpy()

@@ -39,6 +39,7 @@ from dmsc_fed.wire import (
     TASK_ID_KEY,
     TASK_KEY,
 )
+from server.control import ControlReporter, record_bytes
 from server.join import discover_sites
 from strategies import (
     EncryptedFedAvg,
@@ -206,10 +207,14 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
     if out is not None:
         write_json(out / "config.json", cfg.model_dump(mode="json"))
 
+    reporter = _reporter(cfg, run_config)
     joined = discover_sites(grid=grid, cfg=cfg, timeout_s=cfg.strategy.join_timeout_s)
     sites = joined.sites
     if out is not None:
         write_json(out / "sites.json", [s.to_dict() for s in sites.values()])
+    if reporter is not None:
+        reporter.joined(sites, keys)
+    holder: dict[str, Any] = {}  # the strategy and its HE parameters, once built (for the reporter)
 
     initial = ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict())
 
@@ -228,6 +233,10 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         )
         if out is not None:
             append_jsonl(out / "metrics.jsonl", row)
+        if reporter is not None and "strategy" in holder:
+            current = holder["strategy"].current
+            down = record_bytes(current) * len(report.sampled) if current is not None else 0
+            reporter.round_done(report, model=current, bytes_down=down, he_params=holder["he_params"])
 
     strategy, he_params, layout = _strategy(
         cfg,
@@ -241,6 +250,9 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         reply_check=signature_check(keys, task_id) if keys is not None else None,
         seed=cfg.seed,
     )
+    holder.update(strategy=strategy, he_params=he_params)
+    if reporter is not None and layout is not None:
+        reporter.planned(layout)
     task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
     if layout is not None:
         task[SEGMENTS_KEY] = layout.to_json()
@@ -277,9 +289,25 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
     if out is not None:
         _save_final(out, strategy.current or initial)
         write_json(out / "result.json", outcome)
+    if reporter is not None:
+        reporter.close()
     if outcome["rounds_completed"] == 0:
         raise RunFailedError("no round completed: every training reply was rejected, refused or missing")
     return outcome
+
+
+def _reporter(cfg: FederationConfig, run_config: dict[str, Any]) -> ControlReporter | None:
+    """The control-plane reporter when the coordinator started this run (run config ``control-db``)."""
+    url = str(run_config.get("control-db", "") or "")
+    if not url:
+        return None
+    from server.control import ControlReporter
+
+    try:
+        return ControlReporter(url=url, task=str(run_config.get("control-task", "") or cfg.name), cfg=cfg)
+    except Exception as err:  # reporting must not stop training
+        log.warning("control store %s unavailable, the task runs without reporting: %s", url, err)
+        return None
 
 
 def _segmentation_summary(layout: SegmentLayout, reports: list[RoundReport]) -> dict[str, Any]:

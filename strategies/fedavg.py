@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,7 +33,7 @@ from dmsc_fed.wire import (
     STATUS_KEY,
     WEIGHT_TOTAL_KEY,
 )
-from strategies.validation import ArraySpec, check_reply, specs_of
+from strategies.validation import ArraySpec, check_binary_counts, check_reply, merged_binary_scores, specs_of
 
 log = logging.getLogger("dmsc_fed.strategy")
 
@@ -99,6 +99,8 @@ class RoundReport:
     per_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     refused: list[dict[str, str]] = field(default_factory=list)
+    sampled: list[str] = field(default_factory=list)
+    bytes_up: int = 0
     aggregated: bool = False
     seconds: float = 0.0
 
@@ -116,6 +118,8 @@ class RoundReport:
             "per_site": self.per_site,
             "rejected": self.rejected,
             "refused": self.refused,
+            "sampled": self.sampled,
+            "bytes_up": self.bytes_up,
             "seconds": round(self.seconds, 3),
         }
 
@@ -233,6 +237,7 @@ class WeightedFedAvg(FedAvg):
             raise TaskFinished(f"no site can train any more: {sorted(self.retired_reasons())}")
         self.reports.append(RoundReport(round=server_round))
         nodes = self.train_nodes(grid)
+        self.reports[-1].sampled = [self.sites[n].name for n in nodes]
         config[WEIGHT_TOTAL_KEY] = sum(self.sites[n].num_train for n in nodes)
         log.info("round %d: training on %s", server_round, [self.sites[n].name for n in nodes])
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
@@ -258,7 +263,7 @@ class WeightedFedAvg(FedAvg):
 
     def check_evaluate(self, site: SiteInfo, content: RecordDict) -> str | None:
         """Why an evaluation reply must be left out (None if it may be counted)."""
-        return check_reply(content, max_examples=site.num_test)
+        return check_reply(content, max_examples=site.num_test) or check_binary_counts(content)
 
     def _report(self, server_round: int) -> RoundReport:
         if not self.reports or self.reports[-1].round != server_round:
@@ -319,6 +324,12 @@ class WeightedFedAvg(FedAvg):
         if not accepted:
             log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
             return None, None
+        report.bytes_up = sum(
+            int(a.numpy().nbytes)
+            for _, c in accepted
+            if isinstance(c.get(ARRAYS_KEY), ArrayRecord)
+            for a in cast(ArrayRecord, c[ARRAYS_KEY]).values()
+        )
         arrays = self.aggregate_arrays(accepted)
         report.train, report.train_sites = _metrics(accepted, report, "train")
         report.aggregated = True
@@ -331,6 +342,7 @@ class WeightedFedAvg(FedAvg):
         accepted = self._accept(replies, train=False, report=report)
         if accepted:
             report.evaluate, report.evaluate_sites = _metrics(accepted, report, "evaluate")
+            report.evaluate.update(merged_binary_scores([c for _, c in accepted]))
         report.seconds = time.time() - report.started
         if self.on_round is not None:
             self.on_round(report)

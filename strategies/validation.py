@@ -230,3 +230,39 @@ def check_segment_reply(
         if not np.isfinite(arr.numpy()).all():
             return f"segment {seg.name!r} has non-finite values"
     return None
+
+
+BINARY_KEY = "bin-counts"
+
+
+def check_binary_counts(content: RecordDict) -> str | None:
+    """Why a reply's binary-classification counts are malformed (see :mod:`dmsc_fed.metrics`), or None.
+
+    The counts must be well formed and add up to the reply's sample count.
+    """
+    from dmsc_fed.metrics import from_metric_lists
+
+    metrics = content.get(METRICS_KEY)
+    if not isinstance(metrics, MetricRecord) or BINARY_KEY not in metrics:
+        return None
+    try:
+        counts = from_metric_lists(dict(metrics))
+    except ValueError as err:
+        return f"binary counts are malformed: {err}"
+    n = metrics.get(NUM_EXAMPLES_KEY)
+    total = counts.tp + counts.fp + counts.tn + counts.fn
+    if total != n:
+        return f"binary counts add up to {total} samples, the reply says {n}"
+    return None
+
+
+def merged_binary_scores(contents: Sequence[RecordDict]) -> dict[str, float]:
+    """Precision, recall, F1, specificity and ROC AUC over all replies' summed counts ({} unless all carry them)."""
+    from dmsc_fed.metrics import binary_scores, from_metric_lists, merge_counts
+
+    records = [c.get(METRICS_KEY) for c in contents]
+    if not records or not all(isinstance(r, MetricRecord) and BINARY_KEY in r for r in records):
+        return {}
+    merged = merge_counts(from_metric_lists(dict(cast(MetricRecord, r))) for r in records)
+    scores = binary_scores(merged)
+    return {k: float(cast(float, v)) for k, v in scores.items() if k != "accuracy" and v is not None}

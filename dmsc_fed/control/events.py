@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast, get_args
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dmsc_fed.control.db import Backend, EventRow, as_utc
@@ -188,3 +188,24 @@ class EventLog:
             stmt = stmt.limit(limit)
         with self._backend.tx() as session:
             return [_record(row) for row in session.scalars(stmt)]
+
+    def latest_per_task(self, *, kind: EventKind) -> dict[str, EventRecord]:
+        """The newest event of ``kind`` of every task that has one, by task id.
+
+        Events without a task are left out. One query (the highest event id per task),
+        so a metrics scrape does not read the whole log.
+
+        Raises
+        ------
+        ValueError
+            If ``kind`` is unknown.
+
+        """
+        newest = (
+            select(func.max(EventRow.id))
+            .where(EventRow.kind == _check_kind(kind), EventRow.task_id.is_not(None))
+            .group_by(EventRow.task_id)
+        )
+        stmt = select(EventRow).where(EventRow.id.in_(newest)).order_by(EventRow.task_id)
+        with self._backend.tx() as session:
+            return {row.task_id: _record(row) for row in session.scalars(stmt) if row.task_id is not None}

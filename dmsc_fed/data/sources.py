@@ -1,8 +1,10 @@
 """Where raw samples come from: bundled datasets, or a site's CSV.
 
-Nothing is downloaded: ``breast_cancer`` and ``digits`` ship inside scikit-learn, and
+Nothing is downloaded: ``breast_cancer`` and ``digits`` ship inside scikit-learn;
 ``clinical`` is a SYNTHETIC multi-task set that the project generates itself
-(:func:`make_clinical`); it describes no real patients.
+(:func:`make_clinical`), it describes no real patients; ``fraud`` is a SYNTHETIC,
+imbalanced set of card transactions that the project generates itself
+(:func:`make_fraud`), it describes no real customers or transactions.
 """
 
 from __future__ import annotations
@@ -172,10 +174,137 @@ def make_clinical(*, seed: int = CLINICAL_SEED, num_samples: int = CLINICAL_SAMP
     )
 
 
+FRAUD_SEED = 20240917
+"""Seed of the generator of the synthetic ``fraud`` set (fixed: every bank sees the same population)."""
+FRAUD_SAMPLES = 8000
+FRAUD_RATE = 0.03
+"""Share of fraudulent transactions in the synthetic ``fraud`` set."""
+FRAUD_FEATURES = (
+    "amount",
+    "hour",
+    "merchant_risk",
+    "distance_km",
+    "account_age_days",
+    "txn_24h",
+    "card_present",
+    "foreign",
+    "amount_ratio",
+    "minutes_since_last",
+    "merchants_24h",
+    "amount_24h",
+    "declines_24h",
+    "avg_amount",
+    "new_device",
+)
+"""Column names of the ``fraud`` features, in order (a bank's own CSV may use the same)."""
+
+
+def make_fraud(*, seed: int = FRAUD_SEED, num_samples: int = FRAUD_SAMPLES) -> RawData:
+    """Generate the SYNTHETIC, imbalanced ``fraud`` dataset (no real customers or transactions).
+
+    Each row is one card transaction with 15 numeric features
+    (:data:`FRAUD_FEATURES`), drawn from plausible but invented distributions:
+
+    - ``avg_amount``: the customer's usual amount, log-normal (median about 37);
+      ``amount`` = ``avg_amount`` times a log-normal factor (at least 0.50), and
+      ``amount_ratio`` = ``amount / avg_amount``;
+    - ``hour``: hour of day 0-23, mostly around 14:00, 15 % uniform;
+    - ``merchant_risk``: risk score of the merchant category, Beta(2, 8);
+    - ``card_present`` (60 %), ``foreign`` (5 %), ``new_device`` (8 %): 0/1 flags;
+    - ``distance_km`` from home: log-normal, plus several hundred km abroad;
+    - ``account_age_days``: Gamma, 1 to 7300 days;
+    - velocity: ``txn_24h`` (Poisson), ``minutes_since_last`` (exponential,
+      shorter for busy cards), ``merchants_24h`` (distinct merchants among them),
+      ``amount_24h`` (spend over the last 24 h) and ``declines_24h`` (Poisson).
+
+    The label is 1 (fraud) for the transactions whose hidden risk plus logistic
+    noise ``e`` (scale 0.5) is in the top ``FRAUD_RATE`` (3 %, so always
+    answering "legitimate" is 97 % accurate)::
+
+        risk = 3.0 night (1 - card_present) + 1.5 softplus(2.5 (log amount_ratio - 0.8))
+             + 1.5 (merchant_risk - 0.2) + 2.5 foreign (1 - card_present)
+             + 2.0 exp(-account_age_days / 45) + 1.5 [txn_24h >= 7] [minutes_since_last < 20]
+             + 0.6 declines_24h + 1.2 new_device (1 - card_present)
+        fraud = 1[risk + 0.5 e > t]
+
+    where ``night`` is 23:00-04:59 and ``t`` the 97 % quantile. Night is at both
+    ends of ``hour``, and most terms are interactions or thresholds, so a
+    logistic regression on the standardized features reaches a ROC AUC of
+    about 0.85-0.88 on held-out data and a small MLP (32, 16) about 0.9.
+
+    Parameters
+    ----------
+    seed
+        Generator seed; the default is fixed and independent of any run's seed.
+    num_samples
+        Number of transactions.
+
+    Returns
+    -------
+    RawData
+        Features (float32, columns :data:`FRAUD_FEATURES`) and labels
+        (1 = fraud), two classes.
+
+    """
+    rng = np.random.default_rng(seed)
+    n = num_samples
+    avg_amount = np.round(np.exp(rng.normal(3.6, 0.6, n)), 2)
+    amount = np.round(np.maximum(avg_amount * np.exp(rng.normal(0.0, 0.6, n)), 0.5), 2)
+    ratio = amount / avg_amount
+    daytime = np.round(rng.normal(14.0, 4.0, n)) % 24
+    hour = np.where(rng.random(n) < 0.85, daytime, rng.integers(0, 24, n))
+    merchant_risk = rng.beta(2.0, 8.0, n)
+    card_present = rng.random(n) < 0.6
+    foreign = rng.random(n) < 0.05
+    new_device = rng.random(n) < 0.08
+    distance = np.exp(rng.normal(1.5, 1.2, n)) + foreign * np.exp(rng.normal(6.5, 0.7, n))
+    account_age = np.round(np.clip(rng.gamma(1.5, 500.0, n), 1.0, 7300.0))
+    txn_24h = rng.poisson(3.0 * np.exp(rng.normal(0.0, 0.5, n)))
+    since = rng.exponential(240.0, n) / np.sqrt(1.0 + txn_24h)
+    merchants_24h = rng.binomial(txn_24h, 0.7)
+    amount_24h = amount + avg_amount * txn_24h * np.exp(rng.normal(0.0, 0.3, n))
+    declines = rng.poisson(0.15, n)
+    night = (hour < 5) | (hour >= 23)
+    remote = ~card_present
+    risk = (
+        3.0 * (night & remote)
+        + 1.5 * np.logaddexp(0.0, 2.5 * (np.log(ratio) - 0.8))
+        + 1.5 * (merchant_risk - 0.2)
+        + 2.5 * (foreign & remote)
+        + 2.0 * np.exp(-account_age / 45.0)
+        + 1.5 * ((txn_24h >= 7) & (since < 20.0))
+        + 0.6 * declines
+        + 1.2 * (new_device & remote)
+    )
+    z = risk + 0.5 * rng.logistic(size=n)
+    y = (z > np.quantile(z, 1.0 - FRAUD_RATE)).astype(np.int64)
+    columns = {
+        "amount": amount,
+        "hour": hour,
+        "merchant_risk": merchant_risk,
+        "distance_km": distance,
+        "account_age_days": account_age,
+        "txn_24h": txn_24h,
+        "card_present": card_present,
+        "foreign": foreign,
+        "amount_ratio": ratio,
+        "minutes_since_last": since,
+        "merchants_24h": merchants_24h,
+        "amount_24h": amount_24h,
+        "declines_24h": declines,
+        "avg_amount": avg_amount,
+        "new_device": new_device,
+    }
+    x = np.stack([np.asarray(columns[name], dtype=np.float64) for name in FRAUD_FEATURES], axis=1)
+    return RawData(x=x.astype(np.float32), y=y, num_classes=2)
+
+
 def load_bundled(*, name: str) -> RawData:
-    """Load a dataset that ships with scikit-learn, or generate the synthetic ``clinical`` set."""
+    """Load a dataset that ships with scikit-learn, or generate a synthetic one (``clinical``, ``fraud``)."""
     if name == "clinical":
         return make_clinical()
+    if name == "fraud":
+        return make_fraud()
     from sklearn import datasets
 
     if name == "breast_cancer":
@@ -281,4 +410,5 @@ BUNDLED_SHAPES: dict[str, DataShape] = {
     "breast_cancer": DataShape(num_features=30, num_classes=2),
     "digits": DataShape(num_features=64, num_classes=10, image_shape=(1, 8, 8)),
     "clinical": DataShape(num_features=CLINICAL_FEATURES, num_classes=2, tasks=tuple((t, 2) for t in CLINICAL_TASKS)),
+    "fraud": DataShape(num_features=len(FRAUD_FEATURES), num_classes=2),
 }

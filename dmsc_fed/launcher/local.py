@@ -57,6 +57,8 @@ dmsc-config = ""
 config-file = ""
 out-dir = ""
 keys-dir = ""
+control-db = ""
+control-task = ""
 """
 
 

@@ -11,6 +11,7 @@ Both stay in the foreground until Ctrl-C or SIGTERM, then stop their process tre
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -49,8 +50,14 @@ def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
     raise LauncherError(f"{main.name} exited with code {main.popen.returncode}:\n{tail(main.log_path)}")
 
 
-def serve(*, host: str, port: int, keys: Path | None, state: Path, insecure: bool, say: Say) -> None:
-    """Run a SuperLink until interrupted; registers every site's SuperNode key found in ``keys``."""
+def start_superlink(
+    group: ProcessGroup, *, host: str, port: int, keys: Path | None, state: Path, insecure: bool, say: Say
+) -> tuple[Child, FlowerCli, ServerKeys | None]:
+    """Start a SuperLink in ``group`` (TLS and SuperNode auth unless ``insecure``) and register the sites' keys.
+
+    Returns the SuperLink's child process, a ``flwr`` CLI bound to it, and the
+    server's key material (None when insecure without keys).
+    """
     ensure_free(port, host=host, what="SuperLink port")
     server = None
     if keys is not None:
@@ -62,20 +69,60 @@ def serve(*, host: str, port: int, keys: Path | None, state: Path, insecure: boo
     if tls is not None and not nodes:
         raise ConfigError(f"no site SuperNode keys in {keys}/supernodes: add sites with 'dmsc-fed keys add-site'")
     state.mkdir(parents=True, exist_ok=True)
+    argv = superlink_argv(host=host, port=port, tls=tls, auth=bool(nodes), database=state / "state.db")
+    link = group.start(name="SuperLink", argv=argv, env=flower_env(state / "home"), log_path=state / "superlink.log")
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    ca = tls.ca_cert if tls else None
+    wait_healthy(host=probe, port=port, ca_cert=ca, child=link)
+    cli = FlowerCli(home=state / "cli", address=f"{probe}:{port}", ca_cert=ca)
+    if nodes:
+        register_sites(cli, nodes=nodes, state=state, say=say)
+    return link, cli, server
+
+
+NODE_IDS = "supernodes.json"
+
+
+def site_node_ids(state: Path) -> dict[str, int]:
+    """Site name -> Flower node id of the SuperNode keys this SuperLink registered (``state/supernodes.json``).
+
+    ``flwr supernode list`` does not report the names given at registration, so the
+    coordinator keeps them itself.
+    """
+    path = state / NODE_IDS
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data.items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} is malformed ({err}); delete it and restart with a fresh --state") from None
+
+
+def register_sites(cli: FlowerCli, *, nodes: dict[str, Path], state: Path, say: Say) -> dict[str, int]:
+    """Register every site's SuperNode key not yet registered with this SuperLink; returns name -> node id.
+
+    A SuperLink restarted on the same state keeps its registrations (and refuses a key
+    registered twice), so the ids are kept in ``state/supernodes.json`` and only new
+    sites, or sites whose registration the SuperLink lost, are registered.
+    """
+    known = site_node_ids(state)
+    listed = {int(n["node-id"]) for n in cli.nodes() if str(n.get("status", "")) != "unregistered"}
+    for name, pub in nodes.items():
+        if known.get(name) in listed:
+            continue
+        known[name] = cli.register(pub, name)
+        say(f"registered site {name} as node {known[name]}")
+    tmp = state / (NODE_IDS + ".tmp")
+    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
+    tmp.replace(state / NODE_IDS)
+    return known
+
+
+def serve(*, host: str, port: int, keys: Path | None, state: Path, insecure: bool, say: Say) -> None:
+    """Run a SuperLink until interrupted; registers every site's SuperNode key found in ``keys``."""
     with sigterm_as_interrupt(), ProcessGroup() as group:
-        argv = superlink_argv(host=host, port=port, tls=tls, auth=bool(nodes), database=state / "state.db")
-        link = group.start(
-            name="SuperLink", argv=argv, env=flower_env(state / "home"), log_path=state / "superlink.log"
-        )
-        probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        ca = tls.ca_cert if tls else None
-        wait_healthy(host=probe, port=port, ca_cert=ca, child=link)
-        if nodes:
-            cli = FlowerCli(home=state / "cli", address=f"{probe}:{port}", ca_cert=ca)
-            registered = {str(n.get("name", "")) for n in cli.nodes()}
-            for name, pub in nodes.items():
-                if name not in registered:
-                    say(f"registered site {name} as node {cli.register(pub, name)}")
+        link, _, _ = start_superlink(group, host=host, port=port, keys=keys, state=state, insecure=insecure, say=say)
         _hold(group, link, say)
 
 

@@ -24,7 +24,8 @@ def test_multitask_example(tmp_path: Path) -> None:
     assert all(s["encrypted"] and s["dp"] for s in seg["segments"])
     tasks = seg["tasks"]
     assert tasks["diagnosis"]["sites"] == 2 and tasks["readmission"]["sites"] == 1
-    assert tasks["diagnosis"]["accuracy"] > 0.6 and tasks["readmission"]["accuracy"] > 0.6
+    # 0.800 / 0.762 measured (no DP: 0.822 / 0.756); always-negative readmission scores 0.713
+    assert tasks["diagnosis"]["accuracy"] > 0.72 and tasks["readmission"]["accuracy"] > 0.72
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         assert 0 < summary["sites"][site]["epsilon"] <= 4.0 * 1.001
     assert (out / "model.pt").exists()
