@@ -23,6 +23,7 @@ from dmsc_fed.errors import ConfigError, PrivacyError
 from dmsc_fed.privacy import dp
 from dmsc_fed.privacy.policy import refusal, segment_refusal
 from dmsc_fed.privacy.signing import Binding
+from dmsc_fed.sites import hardware_capabilities, hardware_load
 from dmsc_fed.wire import (
     ARRAYS_KEY,
     ATTENTION_DISTANCES,
@@ -150,6 +151,7 @@ def handle_join(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:
             "num-test": summary.num_test,
             "device": str(site.torch_device()),
             "version": __version__,
+            **hardware_capabilities(),
         }
     )
     if summary.stats is not None:
@@ -196,6 +198,7 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
         SCORE_KEY: _score(cfg, site, data, model),
         "train-time-s": result.seconds,
         **privacy_metrics,
+        **hardware_load(),
     }
     if phase == "scores":  # encrypted FedAtt, phase 1: keep both models, report only the distances
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -35,6 +35,9 @@ from strategies import RoundReport
 
 log = logging.getLogger("dmsc_fed.server")
 
+#: Load a site reports with each training reply (:func:`dmsc_fed.sites.hardware_load`).
+HARDWARE_KEYS = ("cpu-seconds", "max-rss-mb", "gpu-max-memory-mb", "train-time-s")
+
 
 def record_bytes(arrays: ArrayRecord) -> int:
     """Bytes of a record's arrays (what one copy of the model costs on the wire, roughly)."""
@@ -74,6 +77,8 @@ class ControlReporter:
                 software_version=s.version or __version__,
                 pool=pools.get(s.name, "cpu"),
                 device=s.device,
+                cpu_cores=s.cpu_cores,
+                gpu_memory_mb=s.gpu_memory_mb,
                 dataset_size=s.num_train + s.num_test,
                 key_fingerprint=fingerprints.get(s.name),
                 allow_key_change=False,
@@ -128,6 +133,11 @@ class ControlReporter:
             accuracy=row["accuracy"],
             loss=row["loss"],
             epsilon=epsilon,
+            hardware={
+                site: {k: m["train"][k] for k in HARDWARE_KEYS if k in m["train"]}
+                for site, m in report.per_site.items()
+                if "train" in m
+            },
         )
         for bad in report.rejected + report.refused:
             self._safe("fault", self.store.events.log_event, kind="fault", task_id=self.task, round=report.round, **bad)

@@ -70,6 +70,8 @@ def _parse(msg: Message) -> tuple[SiteInfo, FeatureStats | None] | Refused | str
             num_test=int(rec["num-test"]),  # type: ignore[arg-type]
             device=str(rec["device"]),
             version=str(rec["version"]),
+            cpu_cores=_optional_int(rec.get("cpu-cores")),
+            gpu_memory_mb=_optional_int(rec.get("gpu-memory-mb")),
         )
         if info.num_train <= 0 or info.num_test <= 0:
             return f"node {node} declared no training or no test samples"
@@ -137,3 +139,10 @@ def discover_sites(*, grid: Grid, cfg: FederationConfig, timeout_s: float) -> Jo
             f"{cfg.min_sites} needed"
         )
     return Joined(sites=members, stats=stats, refused=refused)
+
+
+def _optional_int(value: object) -> int | None:
+    """A declared non-negative integer capability, or None when absent or malformed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

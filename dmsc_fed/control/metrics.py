@@ -99,12 +99,12 @@ class StoreCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """The families, without samples (so registering does not query the store)."""
-        tasks, sites, per_round, bytes_, epsilon = self._families()
-        return [tasks, sites, *per_round, bytes_, epsilon]
+        tasks, sites, per_round, bytes_, epsilon, load = self._families()
+        return [tasks, sites, *per_round, bytes_, epsilon, load]
 
     def collect(self) -> Iterable[Metric]:
         """One scrape: every family with the store's current values."""
-        tasks, sites, per_round, bytes_, epsilon = self._families()
+        tasks, sites, per_round, bytes_, epsilon, load = self._families()
         counts = self._store.queue.counts_by_state()
         for state in TASK_STATES:
             tasks.add_metric([state], counts.get(state, 0))
@@ -129,15 +129,31 @@ class StoreCollector(Collector):
                     value = _number(spend, site_name)
                     if isinstance(site_name, str) and value is not None:
                         epsilon.add_metric([task, site_name], value)
+            hardware = payload.get("hardware")
+            if isinstance(hardware, Mapping):
+                for site_name in sorted(hardware):
+                    used = hardware[site_name]
+                    if not (isinstance(site_name, str) and isinstance(used, Mapping)):
+                        continue
+                    for resource in sorted(used):
+                        value = _number(used, resource)
+                        if isinstance(resource, str) and value is not None:
+                            load.add_metric([task, site_name, resource], value)
         yield tasks
         yield sites
         yield from per_round
         yield bytes_
         yield epsilon
+        yield load
 
     @staticmethod
     def _families() -> tuple[
-        GaugeMetricFamily, GaugeMetricFamily, list[GaugeMetricFamily], GaugeMetricFamily, GaugeMetricFamily
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        list[GaugeMetricFamily],
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
     ]:
         tasks = GaugeMetricFamily(
             "dmsc_fed_tasks",
@@ -158,7 +174,13 @@ class StoreCollector(Collector):
             "Each site's privacy spend (epsilon) for the task (draft 6.4.1).",
             labels=["task", "site"],
         )
-        return tasks, sites, per_round, bytes_, epsilon
+        load = GaugeMetricFamily(
+            "dmsc_fed_site_load",
+            "Resources each site's last training reply used: cpu-seconds, max-rss-mb, gpu-max-memory-mb, "
+            "train-time-s (draft 6.2.3).",
+            labels=["task", "site", "resource"],
+        )
+        return tasks, sites, per_round, bytes_, epsilon, load
 
 
 class ApiMetrics:

@@ -56,6 +56,7 @@ ROUND: dict[str, Any] = {
     "accuracy": 0.75,
     "loss": 0.5,
     "epsilon": {"a": 0.25, "b": 0.5},
+    "hardware": {"a": {"cpu-seconds": 12.5, "max-rss-mb": 300.0}},
 }
 
 
@@ -697,6 +698,8 @@ def test_metrics_expose_queue_sites_and_the_latest_round(fast_client: TestClient
         f'dmsc_fed_round_loss{{task="{t}"}} 0.5',
         f'dmsc_fed_epsilon{{site="a",task="{t}"}} 0.25',
         f'dmsc_fed_epsilon{{site="b",task="{t}"}} 0.5',
+        f'dmsc_fed_site_load{{resource="cpu-seconds",site="a",task="{t}"}} 12.5',
+        f'dmsc_fed_site_load{{resource="max-rss-mb",site="a",task="{t}"}} 300.0',
         f'dmsc_fed_round{{task="{d}"}} 1.0',
         f'dmsc_fed_round_seconds{{task="{d}"}} 0.5',
     }
