@@ -117,7 +117,11 @@ def _task_for(
     data = load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
     model = model_for(cfg)
     layout = segments.layout_of(_config(content))
-    model.load_state_dict(open_global(_arrays(content), model=model, site=site, layout=layout))
+    state = open_global(_arrays(content), model=model, site=site, layout=layout)
+    missing = set(model.state_dict()) - set(state)
+    if missing and (layout is None or layout.needed(site.name) is None):
+        raise ConfigError(f"the global model lacks parameter(s) {sorted(missing)[:4]}")
+    model.load_state_dict(state, strict=not missing)  # business mode: other tasks' heads are not sent
     return cfg, site, binding, data, model
 
 

@@ -131,7 +131,14 @@ class SegmentedFedAvg(WeightedFedAvg):
                 seg.name: float(sum(self._num_train(s) for s in seg.sites if s in names))
                 for seg in self.layout.segments
             }
-        return super()._messages(server_round, arrays, config, nodes, kind)
+        messages = super()._messages(server_round, arrays, config, nodes, kind)
+        for msg in messages:  # send each site only what it needs (business mode: not the other tasks' heads)
+            needed = self.layout.needed(self.sites[msg.metadata.dst_node_id].name)
+            if needed is not None:
+                msg.content[self.arrayrecord_key] = ArrayRecord(
+                    {k: a for k, a in arrays.items() if self.layout.key_needed(k, needed)}
+                )
+        return messages
 
     def _num_train(self, site: str) -> int:
         return next(s.num_train for s in self.sites.values() if s.name == site)

@@ -131,6 +131,22 @@ class SegmentLayout:
         """Parameter tensors that ``segments`` touch (a site trains these; the rest stay frozen)."""
         return {name for seg in segments for name in seg.parameters()}
 
+    def needed(self, site: str) -> set[str] | None:
+        """The segments ``site`` needs to train and evaluate, or None when it needs the whole model.
+
+        In business mode a site needs the backbone and its own task's head only; a layer
+        stage or a block needs every other parameter for the forward pass.
+        """
+        if self.mode != "business":
+            return None
+        return {seg.name for seg in self.of_site(site)}
+
+    def key_needed(self, key: str, segments: set[str]) -> bool:
+        """Whether a global-model record key (a tensor, or a segment's chunk or weight) belongs to ``segments``."""
+        if is_segment_key(key):
+            return key.split(":", 2)[1] in segments
+        return any(key in self.segment(name).parameters() for name in segments)
+
     @property
     def encrypted_segments(self) -> tuple[RunSegment, ...]:
         """The segments that travel encrypted."""
@@ -291,7 +307,8 @@ def open_segments(*, values: Mapping[str, NDArray[Any]], layout: SegmentLayout, 
     """The plaintext state dict of a segmented global model, decrypting its encrypted segments.
 
     ``values`` holds the model's tensors (zero where a segment is encrypted) and, per
-    encrypted segment that has been aggregated, its ciphertext chunks and weight sum.
+    encrypted segment that has been aggregated, its ciphertext chunks and weight sum; a
+    site in business mode gets only its own segments, and only those are returned.
     ``ctx`` is a CKKS context with the secret key (only a site has one); it is only
     used when there is something to decrypt.
 
@@ -303,11 +320,11 @@ def open_segments(*, values: Mapping[str, NDArray[Any]], layout: SegmentLayout, 
     """
     from dmsc_fed.errors import PrivacyError
 
-    state = {name: np.asarray(values[name]) for name, _ in layout.shapes}
+    state = {name: np.asarray(values[name]) for name, _ in layout.shapes if name in values}
     for seg in layout.encrypted_segments:
         wkey = segment_weight_key(seg.name)
-        if wkey not in values:
-            continue  # not aggregated yet: the plaintext initial values stand
+        if wkey not in values or not all(p in state for p in seg.parameters()):
+            continue  # not aggregated yet (the plaintext initial values stand), or not sent to this site
         weight = float(np.asarray(values[wkey]).reshape(-1)[0])
         if not math.isfinite(weight) or weight <= 0:
             raise PrivacyError(f"encrypted segment {seg.name!r} carries an invalid weight {weight!r}")

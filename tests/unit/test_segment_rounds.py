@@ -258,3 +258,31 @@ def test_handle_train_in_block_mode(tmp_path) -> None:
     for name in mine:
         assert arrays[segment_key(name)].numpy().shape == (layout.segment(name).size,)
     assert 0.0 <= reply["metrics"]["val-accuracy"] <= 1.0
+
+
+def test_business_mode_sends_each_site_only_its_segments(tmp_path) -> None:
+    from dmsc_fed.config import load_config, parse_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(path=ROOT / "examples/multitask/config.toml")
+    data = cfg.model_dump(mode="json") | {"local_epochs": 1, "privacy": {}}
+    data["dataset"]["scaling"] = "local"
+    cfg = parse_config(data=data)
+    initial = ArrayRecord(model_for(cfg, seed=0).state_dict())
+    members = [s.name for s in cfg.sites]
+    layout = plan_task(cfg, shapes=[(k, tuple(a.shape)) for k, a in initial.items()], members=members, fallback="mean")
+    sites = {
+        i: SiteInfo(name=n, node_id=i, num_train=500, num_test=100, device="cpu", version="t")
+        for i, n in enumerate(members, 1)
+    }
+    strat = SegmentedFedAvg.for_layout(initial=initial, layout=layout, sites=sites)
+    config = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: "t/1", SEGMENTS_KEY: layout.to_json()})
+    msgs = {m.metadata.dst_node_id: m for m in strat.configure_train(1, initial, config, Grid([1, 2, 3]))}
+    sent = {
+        sites[n].name: sorted({k.split(".")[0] + "." + k.split(".")[1] for k in m.content["arrays"]})
+        for n, m in msgs.items()
+    }
+    assert sent["hospital-a"] == ["backbone.0", "backbone.2", "heads.diagnosis"]
+    assert sent["hospital-c"] == ["backbone.0", "backbone.2", "heads.readmission"]
+    reply = handle_train(msgs[3].content, {"site-name": "hospital-c", "state-dir": str(tmp_path)})
+    assert sorted(reply["arrays"]) == [segment_key("backbone"), segment_key("readmission")]
