@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from clients import attention, segments
+from clients import attention, ensemble, segments
 from clients.context import SiteContext
 from clients.privacy import Refusal, encrypter, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
@@ -32,6 +32,7 @@ from dmsc_fed.wire import (
     ATTENTION_WEIGHTS,
     CONFIG_KEY,
     CT_PREFIX,
+    ENSEMBLE_KEY,
     JOIN_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
@@ -117,7 +118,11 @@ def _task_for(
     data = load_site_data(cfg=cfg, site=site.name, data_path=site.data_path, scaler=_scaler(content))
     model = model_for(cfg)
     layout = segments.layout_of(_config(content))
-    state = open_global(_arrays(content), model=model, site=site, layout=layout)
+    arrays = _arrays(content)
+    if ensemble.is_ensemble(arrays):  # a voting ensemble: train (or, for evaluation, start from) a member
+        model.load_state_dict(ensemble.own_member(arrays, site=site.name))
+        return cfg, site, binding, data, model
+    state = open_global(arrays, model=model, site=site, layout=layout)
     missing = set(model.state_dict()) - set(state)
     if missing and (layout is None or layout.needed(site.name) is None):
         raise ConfigError(f"the global model lacks parameter(s) {sorted(missing)[:4]}")
@@ -250,6 +255,29 @@ def _attention_share(content: RecordDict, node_config: dict[str, Any]) -> Record
     return sign_reply(RecordDict({ARRAYS_KEY: arrays}), cfg=cfg, site=site, binding=binding)
 
 
+def _ensemble_metrics(
+    cfg: FederationConfig, site: SiteContext, data: SiteData, content: RecordDict, voting: str
+) -> RecordDict:
+    """Accuracy and log-loss of the ensemble's vote on the test split (and binary counts for 2 classes)."""
+    from dmsc_fed.training import model_for
+
+    probs = ensemble.vote(
+        arrays=_arrays(content), build=lambda: model_for(cfg), x=data.x_test, voting=voting, device=site.torch_device()
+    )
+    labels = probs.argmax(axis=1)
+    picked = np.clip(probs[np.arange(len(labels)), data.y_test], 1e-12, 1.0)
+    values: dict[str, Any] = {
+        NUM_EXAMPLES_KEY: int(data.num_test),
+        "loss": float(-np.log(picked).mean()),
+        "accuracy": float((labels == data.y_test).mean()),
+    }
+    if data.num_classes == 2 and data.num_test > 0:
+        from dmsc_fed.metrics import binary_counts, to_metric_lists
+
+        values.update(to_metric_lists(binary_counts(labels=data.y_test, scores=probs[:, 1], bins=BINARY_BINS)))
+    return RecordDict({METRICS_KEY: MetricRecord(values)})
+
+
 def _score(cfg: FederationConfig, site: SiteContext, data: SiteData, model: nn.Module) -> float:
     """The site's validation score of its trained local model: accuracy on its held-out split."""
     from dmsc_fed.training import evaluate
@@ -269,6 +297,9 @@ def handle_evaluate(content: RecordDict, node_config: dict[str, Any]) -> RecordD
         return task
     cfg, site, binding, data, model = task
     view = _site_model(cfg, site, model)
+    voting = _config(content).get(ENSEMBLE_KEY)
+    if voting is not None and ensemble.is_ensemble(_arrays(content)):
+        return sign_reply(_ensemble_metrics(cfg, site, data, content, str(voting)), cfg=cfg, site=site, binding=binding)
     res = evaluate(model=view, x=data.x_test, y=data.y_test, device=site.torch_device())
     values: dict[str, Any] = {NUM_EXAMPLES_KEY: res.num_examples, "loss": res.loss, "accuracy": res.accuracy}
     if data.num_classes == 2 and data.num_test > 0:

@@ -50,3 +50,10 @@ ATTENTION_PHASE = "attention-phase"  # "scores": train and report distances; "co
 ATTENTION_STEP = "attention-step"  # the server step size epsilon
 ATTENTION_WEIGHTS = "attention-weights"  # phase 2: this site's softmax weight per tensor, in state-dict order
 ATTENTION_DISTANCES = "attention-distances"  # phase 1 reply: ||w - w_k|| per tensor, in state-dict order
+ENSEMBLE_KEY = "ensemble"  # voting ensemble: "majority" or "soft" (in CONFIG_KEY); the global record holds members
+MEMBER_PREFIX = "member/"  # a voting ensemble's global record: "member/<site>/<parameter>" per sub-model
+
+
+def member_key(site: str, parameter: str) -> str:
+    """Record key of ``parameter`` of ``site``'s sub-model in a voting ensemble."""
+    return f"{MEMBER_PREFIX}{site}/{parameter}"

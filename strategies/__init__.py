@@ -8,6 +8,7 @@ config as ``"package.module:Class"`` (see :mod:`strategies.registry`).
 
 from strategies.attention import FedAttFedAvg
 from strategies.encrypted import EncryptedFedAvg
+from strategies.ensemble import VotingEnsemble
 from strategies.fedavg import ReplyCheck, RoundReport, TaskFinished, WeightedFedAvg, weighted_average, weighted_metrics
 from strategies.fixed_weights import FixedWeightsFedAvg
 from strategies.registry import STRATEGIES, check_options, register_strategy, resolve_strategy, strategy_for
@@ -28,6 +29,7 @@ __all__ = [
     "ScoreWeightedFedAvg",
     "TaskFinished",
     "TrimmedMeanFedAvg",
+    "VotingEnsemble",
     "WeightedFedAvg",
     "check_encrypted_reply",
     "check_options",
