@@ -141,6 +141,9 @@ def _report(cfg: FederationConfig, result: dict[str, Any], *, baseline: dict[str
             "centralized (pooled data, no privacy)", _fmt(baseline.get("accuracy")), _fmt(baseline.get("loss"))
         )
     console.print(table)
+    binary = {k: fm[k] for k in ("precision", "recall", "f1", "auc") if fm.get(k) is not None}
+    if binary:  # a binary task: counts summed over the sites, not averaged (threshold 0.5)
+        console.print("  federated, all sites' test splits: " + "  ".join(f"{k} {v:.4f}" for k, v in binary.items()))
     if cfg.privacy.dp == "on":
         for site, info in result["sites"].items():
             console.print(

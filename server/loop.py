@@ -53,6 +53,9 @@ from strategies.encrypted_attention import EncryptedFedAtt
 from strategies.segmented import SegmentedFedAvg
 
 log = logging.getLogger("dmsc_fed.server")
+
+#: Metrics of binary tasks the server computes from the sites' summed counts (dmsc_fed.metrics).
+BINARY_METRICS = ("precision", "recall", "f1", "specificity", "auc")
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -378,7 +381,8 @@ def _outcome(
         "rounds_planned": cfg.rounds,
         "rounds_completed": sum(r.aggregated for r in reports),
         "ended_early": ended_early,
-        "final_metrics": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss")},
+        "final_metrics": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss")}
+        | {k: last_eval[k] for k in BINARY_METRICS if k in last_eval},
         "sites": sites,
         "refused_at_join": refused_at_join,
         "rejected": [r | {"round": rep.round} for rep in reports for r in rep.rejected],
