@@ -192,11 +192,13 @@ class Dispatcher:
         self.dispatch()
 
     def run(self, *, stop: threading.Event, every_s: float = 5.0) -> None:
-        """Step every ``every_s`` seconds until ``stop`` is set; store errors are logged, not fatal."""
+        """Step every ``every_s`` seconds until ``stop`` is set; a failing step is logged, never fatal."""
         self.recover()
         while not stop.is_set():
             try:
                 self.step()
             except StoreError as err:
                 log.error("store error in the dispatcher (retrying): %s", err)
+            except Exception as err:  # e.g. the flwr CLI failing while the SuperLink restarts: keep dispatching
+                log.error("dispatcher step failed (retrying): %s: %s", type(err).__name__, err)
             stop.wait(every_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,28 @@ def test_a_restarted_coordinator_keeps_the_queue_and_retries_what_was_running(tm
     assert again.queue.get(task_id=running).state == "failed"
     assert again.queue.get(task_id=queued).state == "queued"
     assert again.queue.failures(task_id=running)[0].exc_type == "CoordinatorRestarted"
+
+
+def test_a_failing_step_does_not_stop_the_dispatcher(setup) -> None:
+    import threading
+
+    store, runner, disp = setup
+    task = _submit(store)
+    failures = ["SuperLink restarting"]
+    original = disp.discover
+
+    def discover_once_failing() -> None:
+        if failures:
+            raise RuntimeError(failures.pop())
+        original()
+
+    disp.discover = discover_once_failing  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=disp.run, kwargs={"stop": stop, "every_s": 0.05})
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not runner.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=10)
+    assert not failures and runner.started == [task]
