@@ -61,6 +61,10 @@ class ControlReporter:
             log.warning("control store: could not record %s: %s", what, err)
             return None
 
+    def _event(self, kind: str, **payload: Any) -> None:
+        """Log one event of this task (a failure to record it is logged, not raised)."""
+        self._safe(f"{kind} event", self.store.events.log_event, kind=kind, task_id=self.task, **payload)
+
     def joined(self, sites: Mapping[int, SiteInfo], keys: ServerKeys | None) -> None:
         """Register every site that joined, with what it declared."""
         pools = {s.name: s.pool for s in self.cfg.sites}
@@ -83,21 +87,15 @@ class ControlReporter:
                 key_fingerprint=fingerprints.get(s.name),
                 allow_key_change=False,
             )
-        self._safe(
+        self._event(
             "allocation",
-            self.store.events.log_event,
-            kind="allocation",
-            task_id=self.task,
             sites=sorted(s.name for s in sites.values()),
         )
 
     def planned(self, layout: SegmentLayout) -> None:
         """The segmentation plan of the task."""
-        self._safe(
+        self._event(
             "segmentation",
-            self.store.events.log_event,
-            kind="segmentation",
-            task_id=self.task,
             mode=layout.mode,
             segments=[
                 {"name": s.name, "values": s.size, "sites": list(s.sites), "dp": s.dp, "encrypted": s.encrypted}
@@ -120,11 +118,8 @@ class ControlReporter:
             if "train" in m and EPSILON_KEY in m["train"]
         }
         row = report.to_dict()
-        self._safe(
+        self._event(
             "round",
-            self.store.events.log_event,
-            kind="round",
-            task_id=self.task,
             round=report.round,
             seconds=report.seconds,
             participants=len(report.train_sites),
@@ -140,13 +135,10 @@ class ControlReporter:
             },
         )
         for bad in report.rejected + report.refused:
-            self._safe("fault", self.store.events.log_event, kind="fault", task_id=self.task, round=report.round, **bad)
+            self._event("fault", round=report.round, **bad)
         if epsilon:
-            self._safe(
+            self._event(
                 "privacy",
-                self.store.events.log_event,
-                kind="privacy",
-                task_id=self.task,
                 round=report.round,
                 epsilon=epsilon,
             )
