@@ -179,7 +179,8 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
-    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    # Encrypted FedAtt, phase 1, compares the trained model with the one received: keep a copy only then.
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if phase == "scores" else {}
     plan = segments.assignment(_config(content), site=site.name)
     if plan is not None:
         refused = segment_refusal(site.policy, segments={s.name: (s.dp, s.encrypted) for s in plan.segments})

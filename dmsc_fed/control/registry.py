@@ -346,27 +346,25 @@ class Registry:
             If no site of that name is registered.
 
         """
-        ts = self._backend.now(now)
-        with self._backend.tx() as session:
-            row = self._site(session, site)
-            row.last_seen = max(row.last_seen, ts)
-            return self._site_record(row, self._pool_name(session, row), ts)
+        return self._observe(site, now, seen=True, missed=None)
 
     def reply_received(self, *, site: str, now: datetime | None = None) -> SiteRecord:
         """Record a reply of ``site``: it was seen now and its missed-reply count resets."""
-        ts = self._backend.now(now)
-        with self._backend.tx() as session:
-            row = self._site(session, site)
-            row.last_seen = max(row.last_seen, ts)
-            row.missed_replies = 0
-            return self._site_record(row, self._pool_name(session, row), ts)
+        return self._observe(site, now, seen=True, missed=False)
 
     def reply_missed(self, *, site: str, now: datetime | None = None) -> SiteRecord:
         """Record that ``site`` did not reply in time (its missed-reply count grows by one)."""
+        return self._observe(site, now, seen=False, missed=True)
+
+    def _observe(self, site: str, now: datetime | None, *, seen: bool, missed: bool | None) -> SiteRecord:
+        """Update ``site``: seen now (``seen``), and its missed replies reset (False) or grown by one (True)."""
         ts = self._backend.now(now)
         with self._backend.tx() as session:
             row = self._site(session, site)
-            row.missed_replies += 1
+            if seen:
+                row.last_seen = max(row.last_seen, ts)
+            if missed is not None:
+                row.missed_replies = row.missed_replies + 1 if missed else 0
             return self._site_record(row, self._pool_name(session, row), ts)
 
     def site(self, *, name: str, now: datetime | None = None) -> SiteRecord:
