@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from clients import attention, ensemble, segments
+from clients.chaos import Chaos, finish_train
 from clients.context import SiteContext
 from clients.privacy import Refusal, encrypter, fit, open_global, seal_update, sign_reply
 from dmsc_fed import __version__
@@ -179,6 +180,7 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
     if isinstance(task, RecordDict):
         return task
     cfg, site, binding, data, model = task
+    chaos = Chaos.from_node_config(node_config)  # opt-in fault injection for chaos tests; None normally
     # Encrypted FedAtt, phase 1, compares the trained model with the one received: keep a copy only then.
     received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if phase == "scores" else {}
     plan = segments.assignment(_config(content), site=site.name)
@@ -234,7 +236,13 @@ def handle_train(content: RecordDict, node_config: dict[str, Any]) -> RecordDict
             METRICS_KEY: MetricRecord(metrics),  # type: ignore[arg-type]
         }
     )
-    return sign_reply(reply, cfg=cfg, site=site, binding=binding)
+    return finish_train(
+        reply,
+        chaos=chaos,
+        binding=binding,
+        sign=lambda c, b: sign_reply(c, cfg=cfg, site=site, binding=b),
+        state_dir=site.state_dir,
+    )
 
 
 def _attention_share(content: RecordDict, node_config: dict[str, Any]) -> RecordDict:

@@ -257,6 +257,10 @@ def client(
         "supernode-state"
     ),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (testing only).")] = False,
+    chaos: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="Chaos testing only: a fault schedule such as '2:nan,3:slow=90'."),
+    ] = None,
 ) -> None:
     """Start this site's SuperNode and keep it running; it trains on the data given here only."""
     from dmsc_fed.launcher.remote import join
@@ -271,6 +275,7 @@ def client(
         state=state,
         insecure=insecure,
         say=console.print,
+        chaos=chaos,
     )
 
 

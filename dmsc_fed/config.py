@@ -185,6 +185,31 @@ class PrivacySpec(_Frozen):
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
+class FaultSpec(_Frozen):
+    """How rounds behave when sites fail or the server crashes (draft sections 6.2.7, 6.3.7).
+
+    A round aggregates once ``quorum`` valid training replies arrived by the
+    deadline (``strategy.round_timeout_s``); late and missing replies are dropped
+    with a logged reason. Below quorum the round is retried up to ``round_retries``
+    times, then the run fails (the coordinator's exception queue takes it). In
+    block and layer segmentation, a segment no valid reply carried is reassigned
+    within the round to a site that did reply (``reassign``). After every complete
+    round the server writes a snapshot (``snapshots``, the newest ``keep`` kept) and
+    a restarted server resumes after the last one. A round whose aggregate is not
+    finite, or whose evaluation loss exceeds ``rollback_loss_factor`` times the
+    last stable round's, is rolled back; with ``exclude_suspects`` the sites whose
+    updates stood out are left out from then on.
+    """
+
+    quorum: Annotated[int, Field(ge=1)] = 1
+    round_retries: Annotated[int, Field(ge=0, le=100)] = 2
+    reassign: bool = True
+    snapshots: bool = True
+    keep: Annotated[int, Field(ge=1, le=1000)] = 3
+    rollback_loss_factor: Annotated[float, Field(gt=1.0, le=1e6)] | None = 4.0
+    exclude_suspects: bool = False
+
+
 class FederationConfig(_Frozen):
     """Everything one federated training run needs, validated and frozen."""
 
@@ -202,6 +227,7 @@ class FederationConfig(_Frozen):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     segmentation: SegmentationSpec | None = None
+    fault: FaultSpec = Field(default_factory=FaultSpec)
 
     @field_validator("sites")
     @classmethod
@@ -242,6 +268,8 @@ class FederationConfig(_Frozen):
             raise ValueError(
                 f"strategy.min_sites = {self.strategy.min_sites} is more than the {len(self.sites)} sites configured"
             )
+        if self.fault.quorum > len(self.sites):
+            raise ValueError(f"fault.quorum = {self.fault.quorum} is more than the {len(self.sites)} sites configured")
         return self
 
     @property

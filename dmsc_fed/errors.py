@@ -82,6 +82,16 @@ class Interrupted(DmscError):
     exit_code = 130
 
 
+class SnapshotError(DmscError):
+    """A round snapshot cannot be written, or none that may be loaded fits the task.
+
+    A snapshot that is truncated or fails its checksum is never loaded; the
+    previous good one is used instead.
+    """
+
+    exit_code = 11
+
+
 def invalid_settings(err: ValidationError, source: str) -> str:
     """One line per invalid setting of a pydantic error: the field, the value and why."""
     lines = [f"{source}: {err.error_count()} invalid setting(s)"]

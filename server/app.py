@@ -12,6 +12,14 @@ Run configuration keys (``[tool.flwr.app.config]``):
     The server's key material (``server/`` of ``dmsc-fed keys init``): site
     signing keys and the CKKS context without secret key. Required for tasks
     with DP or encryption; when set, every update must be signed.
+``control-db``, ``control-task``
+    The coordinator's store URL and the task's id in it (progress is reported there).
+``snapshot-dir``
+    Where the task's round snapshots live ("" for none). A run that finds a good
+    snapshot of the same config there resumes after its round.
+``task-id``
+    The task's id for signatures and the sites' privacy ledgers, stable across
+    restarts (default: ``<name>/<run id>``).
 """
 
 from __future__ import annotations

@@ -136,6 +136,14 @@ class ControlReporter:
         )
         for bad in report.rejected + report.refused:
             self._event("fault", round=report.round, **bad)
+        if report.attempts > 1:
+            self._event("recovery", action="retry", round=report.round, attempts=report.attempts)
+        for moved in report.reassigned:
+            self._event("recovery", action="reassign", round=report.round, **moved)
+        if report.rolled_back:
+            self._event(
+                "recovery", action="rollback", round=report.round, reason=report.rolled_back, suspects=report.suspects
+            )
         if epsilon:
             self._event(
                 "privacy",
@@ -159,6 +167,10 @@ class ControlReporter:
                 epsilon=epsilon or None,
                 he_params=dict(he_params) if he_params else None,
             )
+
+    def resumed(self, *, round: int, path: str) -> None:
+        """The task resumed after a restart from the snapshot of ``round``."""
+        self._event("recovery", action="resume", round=round, snapshot=path)
 
     def close(self) -> None:
         """Release the store."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dmsc_fed.segmentation.layout import SegmentLayout, is_segment_key
 from dmsc_fed.segmentation.names import BACKBONE
 from dmsc_fed.segmentation.task import plan_task
 from dmsc_fed.sites import SiteInfo
+from dmsc_fed.snapshots import SnapshotStore, fingerprint_of
 from dmsc_fed.training import model_for
 from dmsc_fed.wire import (
     CT_WEIGHT,
@@ -41,6 +43,7 @@ from dmsc_fed.wire import (
 )
 from server.control import ControlReporter, record_bytes
 from server.join import discover_sites
+from server.rounds import RoundFailed, RoundLoop
 from strategies import (
     EncryptedFedAvg,
     ReplyCheck,
@@ -167,7 +170,12 @@ def _strategy(
             he = {"public_context": ctx, "slots": profile.slots, "max_chunk_bytes": ciphertext_bytes_limit(profile)}
             described = profile.describe()
         segmented = SegmentedFedAvg.for_layout(
-            initial=initial, layout=layout, rule_options=rule_options(cfg), **he, **kwargs
+            initial=initial,
+            layout=layout,
+            rule_options=rule_options(cfg),
+            pools={s.name: s.pool for s in cfg.sites},
+            **he,
+            **kwargs,
         )
         return segmented, described, layout
     if cfg.privacy.encryption == "off":
@@ -196,7 +204,14 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
     _setup_logging(out)
     cfg = task_config(run_config)
     keys = _server_keys(cfg, run_config)
-    task_id = f"{cfg.name}/{run_id}"
+    snapshots = _snapshots(cfg, run_config)
+    snap = snapshots.latest() if snapshots is not None else None
+    # One task id for the whole task, across restarts: the sites' privacy ledgers and signatures use it.
+    task_id = (
+        str(snap.state["task_id"])
+        if snap is not None and "task_id" in snap.state
+        else str(run_config.get("task-id", "") or f"{cfg.name}/{run_id}")
+    )
     log.info(
         "task %r: %d rounds, %d sites, model %s, dataset %s, dp %s, encryption %s",
         task_id,
@@ -274,19 +289,41 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         )
     started = time.time()
     ended_early = None
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.rounds,
-            timeout=cfg.strategy.round_timeout_s,
-            train_config=task,
-            evaluate_config=ConfigRecord(dict(task)),
+    failed: RoundFailed | None = None
+    start_round = 1
+    if snap is not None:
+        strategy.restore(snap.state, snap.arrays)
+        start_round = snap.round + 1
+        log.warning(
+            "resuming task %r after round %d from snapshot %s (%d rounds of history restored)",
+            task_id,
+            snap.round,
+            snap.path,
+            len(strategy.reports),
         )
+        if reporter is not None:
+            reporter.resumed(round=snap.round, path=str(snap.path))
+    loop = RoundLoop(
+        strategy=strategy,
+        grid=grid,
+        fault=cfg.fault,
+        deadline_s=cfg.strategy.round_timeout_s,
+        train_config=task,
+        evaluate_config=ConfigRecord(dict(task)),
+        snapshots=snapshots,
+        task_state={"task_id": task_id},
+    )
+    try:
+        loop.run(initial=initial, rounds=cfg.rounds, start_round=start_round)
     except TaskFinished as done:
         ended_early = str(done)
         log.warning("task ended before its last round: %s", done)
+    except RoundFailed as err:
+        failed = err
+        ended_early = str(err)
+        log.error("%s", err)
     outcome = _outcome(cfg, strategy, joined.refused, time.time() - started, he_params, ended_early)
+    outcome["resumed_after_round"] = start_round - 1 if snap is not None else None
     if layout is not None:
         outcome["segmentation"] = _segmentation_summary(layout, strategy.reports)
     if out is not None:
@@ -294,9 +331,19 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         write_json(out / "result.json", outcome)
     if reporter is not None:
         reporter.close()
+    if failed is not None:
+        raise failed
     if outcome["rounds_completed"] == 0:
         raise RunFailedError("no round completed: every training reply was rejected, refused or missing")
     return outcome
+
+
+def _snapshots(cfg: FederationConfig, run_config: dict[str, Any]) -> SnapshotStore | None:
+    """The task's snapshot store (run config ``snapshot-dir``), unless snapshots are off or no directory is set."""
+    directory = str(run_config.get("snapshot-dir", "") or "")
+    if not directory or not cfg.fault.snapshots:
+        return None
+    return SnapshotStore(Path(directory), fingerprint=fingerprint_of(config_json=cfg.to_json()), keep=cfg.fault.keep)
 
 
 def _reporter(cfg: FederationConfig, run_config: dict[str, Any]) -> ControlReporter | None:
@@ -362,7 +409,7 @@ def _outcome(
     ended_early: str | None,
 ) -> dict[str, Any]:
     reports = strategy.reports
-    last_eval = next((r.evaluate for r in reversed(reports) if r.evaluate), {})
+    last_eval = next((r.evaluate for r in reversed(reports) if r.evaluate and r.rolled_back is None), {})
     sites: dict[str, Any] = {}
     for s in strategy.sites.values():
         last = _last_site_metrics(reports, s.name)
@@ -386,6 +433,12 @@ def _outcome(
         "sites": sites,
         "refused_at_join": refused_at_join,
         "rejected": [r | {"round": rep.round} for rep in reports for r in rep.rejected],
+        "rejected_by_kind": dict(Counter(r.get("kind", "other") for rep in reports for r in rep.rejected)),
+        "rolled_back": [
+            {"round": r.round, "reason": r.rolled_back, "suspects": r.suspects} for r in reports if r.rolled_back
+        ],
+        "reassigned": [x | {"round": r.round} for r in reports for x in r.reassigned],
+        "retried_rounds": {str(r.round): r.attempts for r in reports if r.attempts > 1},
         "refused": [r | {"round": rep.round} for rep in reports for r in rep.refused],
         "privacy": {
             "dp": cfg.privacy.dp,

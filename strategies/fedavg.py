@@ -10,6 +10,7 @@ one is left out with a logged reason while the others are aggregated.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from dmsc_fed.config import FederationConfig
+from dmsc_fed.privacy.signing import SIGNATURE_KEY
 from dmsc_fed.sites import SiteInfo
 from dmsc_fed.wire import (
     ARRAYS_KEY,
@@ -33,7 +35,14 @@ from dmsc_fed.wire import (
     STATUS_KEY,
     WEIGHT_TOTAL_KEY,
 )
-from strategies.validation import ArraySpec, check_binary_counts, check_reply, merged_binary_scores, specs_of
+from strategies.validation import (
+    ArraySpec,
+    check_binary_counts,
+    check_reply,
+    merged_binary_scores,
+    rejection_kind,
+    specs_of,
+)
 
 log = logging.getLogger("dmsc_fed.strategy")
 
@@ -103,6 +112,11 @@ class RoundReport:
     bytes_up: int = 0
     aggregated: bool = False
     seconds: float = 0.0
+    attempts: int = 1
+    rolled_back: str | None = None
+    suspects: list[str] = field(default_factory=list)
+    reassigned: list[dict[str, str]] = field(default_factory=list)
+    restored: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -121,7 +135,35 @@ class RoundReport:
             "sampled": self.sampled,
             "bytes_up": self.bytes_up,
             "seconds": round(self.seconds, 3),
+            "attempts": self.attempts,
+            "rolled_back": self.rolled_back,
+            "suspects": self.suspects,
+            "reassigned": self.reassigned,
         }
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> RoundReport:
+        """The report back from :meth:`to_dict` (a snapshot's round history); marked ``restored``."""
+        return cls(
+            round=int(row["round"]),
+            started=0.0,
+            train=dict(row.get("train", {})),
+            evaluate=dict(row.get("evaluate", {})),
+            train_sites=list(row.get("train_sites", [])),
+            evaluate_sites=list(row.get("evaluate_sites", [])),
+            per_site={k: dict(v) for k, v in row.get("per_site", {}).items()},
+            rejected=list(row.get("rejected", [])),
+            refused=list(row.get("refused", [])),
+            sampled=list(row.get("sampled", [])),
+            bytes_up=int(row.get("bytes_up", 0)),
+            aggregated=bool(row.get("aggregated", False)),
+            seconds=float(row.get("seconds", 0.0)),
+            attempts=int(row.get("attempts", 1)),
+            rolled_back=row.get("rolled_back"),
+            suspects=list(row.get("suspects", [])),
+            reassigned=list(row.get("reassigned", [])),
+            restored=True,
+        )
 
 
 class WeightedFedAvg(FedAvg):
@@ -176,6 +218,8 @@ class WeightedFedAvg(FedAvg):
         self.reports: list[RoundReport] = []
         self.retired: dict[int, str] = {}  # sites that refused to train for good (budget spent), with the reason
         self.current: ArrayRecord | None = None  # the latest global model
+        self.seen_signatures: dict[str, int] = {}  # sha256 of every accepted reply's signature -> its round
+        self.update_norms: dict[str, float] = {}  # last round: L2 distance of each site's update to the global model
 
     @classmethod
     def check_config(cls, cfg: FederationConfig) -> None:
@@ -280,17 +324,23 @@ class WeightedFedAvg(FedAvg):
             site = self.sites.get(node)
             name = site.name if site else f"node-{node}"
             reason: str | None
+            seen = _signature_digest(msg.content) if site is not None and not msg.has_error() else None
             if site is None:
                 reason = "sender is not a member site of this run"
             elif msg.has_error():
                 reason = f"site reported an error: {msg.error.reason}"
             else:
                 reason = self.reply_check(site, msg.content, stage, report.round) if self.reply_check else None
+                if seen in self.seen_signatures and (reason is None or rejection_kind(reason) == "stale-round"):
+                    first = self.seen_signatures[seen]
+                    reason = f"replayed update: identical to the signed update received in round {first}"
+                elif reason is None and seen is not None:  # authentic: remember it, whatever its content
+                    self.seen_signatures[seen] = report.round
                 if reason is None and _refusal(msg.content) is not None:
                     why = str(_refusal(msg.content))
                     log.warning("round %d: %s refused to %s: %s", report.round, name, stage, why)
                     report.refused.append({"site": name, "stage": stage, "reason": why})
-                    if train:
+                    if train and self.refusal_retires(site):
                         self.retired[node] = why
                     continue
                 if reason is None:
@@ -301,11 +351,63 @@ class WeightedFedAvg(FedAvg):
                     )
             if reason is not None:
                 log.warning("round %d: %s reply from %s left out: %s", report.round, stage, name, reason)
-                report.rejected.append({"site": name, "stage": stage, "reason": reason})
+                report.rejected.append({"site": name, "stage": stage, "reason": reason, "kind": rejection_kind(reason)})
                 continue
             assert site is not None
             accepted.append((site, msg.content))
         return accepted
+
+    def refusal_retires(self, site: SiteInfo) -> bool:
+        """Whether a site that refused to train this round stops training for the task (hook: always)."""
+        return True
+
+    def record_missing(self, report: RoundReport, *, stage: str, nodes: Iterable[int], deadline_s: float) -> None:
+        """Log and record the sites sent a message that did not reply by the deadline."""
+        for node in nodes:
+            name = self.sites[node].name if node in self.sites else f"node-{node}"
+            reason = f"no reply by the round deadline ({deadline_s:g} s)"
+            log.warning("round %d: %s reply from %s dropped: %s", report.round, stage, name, reason)
+            report.rejected.append({"site": name, "stage": stage, "reason": reason, "kind": rejection_kind(reason)})
+
+    def reassign(self, server_round: int, replies: list[Message], config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Messages that hand failed sites' work to others within the round (hook: none by default).
+
+        Called with the round's training replies before they are aggregated; the
+        replies to the returned messages are aggregated with them.
+        """
+        return []
+
+    # ------------------------------------------------------------------ snapshots
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """Everything needed to continue after the last round: JSON state and arrays (the global model).
+
+        Subclasses with more state extend both (:meth:`restore` reads them back).
+        """
+        names = {n: s.name for n, s in self.sites.items()}
+        state = {
+            "reports": [r.to_dict() for r in self.reports],
+            "retired": {names.get(n, str(n)): why for n, why in self.retired.items()},
+            "seen_signatures": dict(self.seen_signatures),
+            "rng": _jsonable(self.rng.getstate()),
+        }
+        arrays = {k: a.numpy() for k, a in self.current.items()} if self.current is not None else {}
+        return state, arrays
+
+    def restore(self, state: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]) -> None:
+        """Continue from :meth:`state` (a snapshot): round history, retired sites, seen signatures, RNG, model."""
+        self.reports = [RoundReport.from_dict(r) for r in state.get("reports", [])]
+        by_name = {s.name: n for n, s in self.sites.items()}
+        self.retired = {by_name[k]: str(v) for k, v in state.get("retired", {}).items() if k in by_name}
+        self.seen_signatures = {str(k): int(v) for k, v in state.get("seen_signatures", {}).items()}
+        if "rng" in state:
+            self.rng.setstate(_tupled(state["rng"]))
+        self.current = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}) if arrays else None
+
+    def close_round(self, report: RoundReport) -> None:
+        """The round is over (aggregated, or rolled back): time it and tell ``on_round``."""
+        report.seconds = time.time() - report.started
+        if self.on_round is not None:
+            self.on_round(report)
 
     # --------------------------------------------------------------- aggregation
     def aggregate_arrays(self, accepted: list[tuple[SiteInfo, RecordDict]]) -> ArrayRecord:
@@ -330,6 +432,7 @@ class WeightedFedAvg(FedAvg):
             if isinstance(c.get(ARRAYS_KEY), ArrayRecord)
             for a in cast(ArrayRecord, c[ARRAYS_KEY]).values()
         )
+        self.update_norms = _update_norms(accepted, self.current)
         arrays = self.aggregate_arrays(accepted)
         report.train, report.train_sites = _metrics(accepted, report, "train")
         report.aggregated = True
@@ -343,9 +446,6 @@ class WeightedFedAvg(FedAvg):
         if accepted:
             report.evaluate, report.evaluate_sites = _metrics(accepted, report, "evaluate")
             report.evaluate.update(merged_binary_scores([c for _, c in accepted]))
-        report.seconds = time.time() - report.started
-        if self.on_round is not None:
-            self.on_round(report)
         return _record(report.evaluate) if report.evaluate else None
 
     def summary(self) -> None:
@@ -363,12 +463,61 @@ class WeightedFedAvg(FedAvg):
 def _metrics(
     accepted: list[tuple[SiteInfo, RecordDict]], report: RoundReport, stage: str
 ) -> tuple[dict[str, float], list[str]]:
-    """Sample-weighted metrics of the accepted replies; each site's own go to ``report.per_site``."""
+    """Sample-weighted metrics of the accepted replies; each site's own go to ``report.per_site``.
+
+    A site that replied twice (its own work and a reassignment) counts once, by its first reply.
+    """
+    firsts: dict[str, tuple[SiteInfo, RecordDict]] = {}
+    for site, content in accepted:
+        firsts.setdefault(site.name, (site, content))
+    accepted = list(firsts.values())
     site_metrics = [_scalars(c[METRICS_KEY]) for _, c in accepted]  # type: ignore[arg-type]
     for (site, _), m in zip(accepted, site_metrics, strict=True):
         report.per_site.setdefault(site.name, {})[stage] = m
     weights = [m[NUM_EXAMPLES_KEY] for m in site_metrics]
     return weighted_metrics(site_metrics, weights), [s.name for s, _ in accepted]
+
+
+def _update_norms(accepted: list[tuple[SiteInfo, RecordDict]], previous: ArrayRecord | None) -> dict[str, float]:
+    """Each site's L2 distance to the previous global model, over the plaintext arrays both hold alike."""
+    if previous is None:
+        return {}
+    base = {k: a.numpy() for k, a in previous.items() if np.dtype(a.dtype).kind == "f"}
+    norms: dict[str, float] = {}
+    for site, content in accepted:
+        arrays = content.get(ARRAYS_KEY)
+        if not isinstance(arrays, ArrayRecord):
+            continue
+        total, used = 0.0, 0
+        for key, arr in arrays.items():
+            if key in base and tuple(arr.shape) == base[key].shape and str(arr.dtype) == str(base[key].dtype):
+                total += float(np.sum((arr.numpy().astype(np.float64) - base[key]) ** 2))
+                used += 1
+        if used:
+            norms[site.name] = float(np.sqrt(total))
+    return norms
+
+
+def _signature_digest(content: RecordDict) -> str | None:
+    """sha256 of a reply's signature bytes (None for an unsigned reply): the same bytes twice are a replay."""
+    rec = content.get(SIGNATURE_KEY)
+    if isinstance(rec, ConfigRecord) and isinstance(rec.get("signature"), bytes):
+        return hashlib.sha256(cast(bytes, rec["signature"])).hexdigest()
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, recursively (a ``random.Random`` state as JSON)."""
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value: Any) -> Any:
+    """Lists back to tuples, recursively (the inverse of :func:`_jsonable` for ``Random.setstate``)."""
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
 
 
 def _refusal(content: RecordDict) -> str | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
@@ -47,13 +48,18 @@ from dmsc_fed.wire import (
     NUM_EXAMPLES_KEY,
     SEGMENT_NAMES,
     SEGMENT_WEIGHT_TOTALS,
+    SEGMENTS_KEY,
+    STATUS_KEY,
     segment_chunk_key,
     segment_key,
     segment_weight_key,
 )
 from strategies.aggregators import get_aggregator
-from strategies.fedavg import WeightedFedAvg
+from strategies.fedavg import WeightedFedAvg, log
 from strategies.validation import check_segment_reply, specs_of
+
+#: Modes whose segments any site can train (a business head needs its task's labels).
+REASSIGNABLE_MODES = frozenset({"block", "layer"})
 
 
 class SegmentedFedAvg(WeightedFedAvg):
@@ -68,6 +74,9 @@ class SegmentedFedAvg(WeightedFedAvg):
     public_context, slots, max_chunk_bytes
         The server's key-less CKKS context and its geometry; required when a segment
         is encrypted.
+    pools
+        Site name -> resource pool; a failed site's segment goes to a site of the same
+        pool first when it is reassigned.
 
     """
 
@@ -79,6 +88,7 @@ class SegmentedFedAvg(WeightedFedAvg):
         public_context: Any = None,
         slots: int = 0,
         max_chunk_bytes: int = 0,
+        pools: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -98,6 +108,8 @@ class SegmentedFedAvg(WeightedFedAvg):
         self.max_chunk_bytes = max_chunk_bytes
         self.weight_totals: dict[str, float] = {}
         self.noise_rng = np.random.default_rng(kwargs.get("seed", 0))
+        self.pools = dict(pools or {})
+        self.reassigned_to: dict[str, tuple[RunSegment, ...]] = {}  # this round: substitute site -> segments
 
     @classmethod
     def for_layout(cls, *, initial: ArrayRecord, layout: SegmentLayout, **kwargs: Any) -> SegmentedFedAvg:
@@ -126,6 +138,7 @@ class SegmentedFedAvg(WeightedFedAvg):
     ) -> list[Message]:
         # Weight totals depend on which sites train, known only once the nodes are chosen.
         if kind == MessageType.TRAIN:
+            self.reassigned_to = {}
             names = {self.sites[n].name for n in nodes}
             self.weight_totals = {
                 seg.name: float(sum(self._num_train(s) for s in seg.sites if s in names))
@@ -140,16 +153,104 @@ class SegmentedFedAvg(WeightedFedAvg):
                 )
         return messages
 
+    # ------------------------------------------------------------------ snapshots
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """The base state plus the attention rule's noise generator."""
+        state, arrays = super().state()
+        state["noise_rng"] = self.noise_rng.bit_generator.state
+        return state, arrays
+
+    def restore(self, state: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]) -> None:
+        """Continue from :meth:`state`."""
+        super().restore(state, arrays)
+        if "noise_rng" in state:
+            self.noise_rng.bit_generator.state = dict(state["noise_rng"])
+
+    # ------------------------------------------------------------ reassignment
+    def reassign(self, server_round: int, replies: list[Message], config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Hand every segment no valid reply carries to a site that replied, within the round.
+
+        Block and layer segments can be trained by any site; a business task's head
+        needs that task's labels, so it is not moved. With a replication factor of 2
+        or more a segment survives one failure without this. Each substitute is sent
+        the round's model with a layout that lists it for the segments it takes over,
+        and trains them (with DP-SGD and encryption as the segment asks) in a second
+        exchange of the same round.
+        """
+        if self.layout.mode not in REASSIGNABLE_MODES or self.current is None:
+            return []
+        healthy: list[SiteInfo] = []
+        covered: set[str] = set()
+        for msg in replies:
+            site = self.sites.get(msg.metadata.src_node_id)
+            if site is not None and self._acceptable(site, msg, server_round):
+                healthy.append(site)
+                covered.update(seg.name for seg in self.layout.of_site(site.name))
+        lost = [seg for seg in self.layout.segments if seg.name not in covered]
+        if not lost or not healthy:
+            return []
+        load = {site.name: len(self.layout.of_site(site.name)) for site in healthy}
+        taken: dict[str, list[RunSegment]] = {}
+        for seg in lost:
+            wanted = {self.pools.get(name, "cpu") for name in seg.sites}
+            best = min(healthy, key=lambda s: (self.pools.get(s.name, "cpu") not in wanted, load[s.name], s.name))
+            load[best.name] += 1
+            taken.setdefault(best.name, []).append(seg)
+        report = self.reports[-1]
+        messages = []
+        for site in healthy:
+            if site.name not in taken:
+                continue
+            moved = tuple(replace(seg, sites=(*seg.sites, site.name)) for seg in taken[site.name])
+            self.reassigned_to[site.name] = moved
+            for seg in moved:
+                self.weight_totals[seg.name] = float(site.num_train)
+                report.reassigned.append({"segment": seg.name, "from": ",".join(seg.sites[:-1]), "to": site.name})
+            log.warning(
+                "round %d: segment(s) %s got no valid reply; reassigned to %s",
+                server_round,
+                [seg.name for seg in moved],
+                site.name,
+            )
+            out = ConfigRecord(dict(config))
+            by_name = {seg.name: seg for seg in moved}
+            out[SEGMENTS_KEY] = SegmentLayout(
+                mode=self.layout.mode,
+                segments=tuple(by_name.get(seg.name, seg) for seg in self.layout.segments),
+                shapes=self.layout.shapes,
+            ).to_json()
+            out[SEGMENT_NAMES] = [seg.name for seg in moved]
+            out[SEGMENT_WEIGHT_TOTALS] = [float(site.num_train)] * len(moved)
+            content = RecordDict({self.arrayrecord_key: self.current, self.configrecord_key: out})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=site.node_id))
+        return messages
+
+    def refusal_retires(self, site: SiteInfo) -> bool:
+        """A substitute that refuses a reassigned segment (its policy) keeps training its own segments."""
+        return site.name not in self.reassigned_to
+
+    def _acceptable(self, site: SiteInfo, msg: Message, server_round: int) -> bool:
+        """Whether a training reply would be aggregated (checked quietly, nothing recorded)."""
+        if msg.has_error() or STATUS_KEY in msg.content:
+            return False
+        if self.reply_check is not None and self.reply_check(site, msg.content, "train", server_round) is not None:
+            return False
+        return self.check_train(site, msg.content, server_round) is None
+
     def _num_train(self, site: str) -> int:
         return next(s.num_train for s in self.sites.values() if s.name == site)
 
     # --------------------------------------------------------------- validation
     def check_train(self, site: SiteInfo, content: RecordDict, server_round: int) -> str | None:
         """The reply must hold exactly the site's segments, each well formed."""
+        segments = self.layout.of_site(site.name)
+        moved = self.reassigned_to.get(site.name)
+        if moved and _carries(content, moved[0]):  # the reply to a reassignment
+            segments = moved
         return check_segment_reply(
             content,
             max_examples=site.num_train,
-            segments=self.layout.of_site(site.name),
+            segments=segments,
             weight_totals=self.weight_totals,
             slots=self.slots,
             max_chunk_bytes=self.max_chunk_bytes,
@@ -163,7 +264,7 @@ class SegmentedFedAvg(WeightedFedAvg):
         state = {k: a.numpy() for k, a in previous.items() if k in self.expected_arrays}
         extra: dict[str, NDArray[Any]] = {}
         for seg in self.layout.segments:
-            senders = [(site, c) for site, c in accepted if site.name in seg.sites]
+            senders = [(site, c) for site, c in accepted if _carries(c, seg)]
             if seg.encrypted:
                 chunks, weight = self._encrypted(seg, senders, previous)
                 if chunks is None:
@@ -219,3 +320,11 @@ class SegmentedFedAvg(WeightedFedAvg):
             total += float(cast(float, cast(MetricRecord, c[METRICS_KEY])[segment_weight_key(seg.name)]))
         summed = aggregate(ctx=self.public_context, updates=updates)
         return [np.frombuffer(b, dtype=np.uint8) for b in summed], total
+
+
+def _carries(content: RecordDict, seg: RunSegment) -> bool:
+    """Whether a (validated) reply holds ``seg``: its plaintext vector or its first ciphertext chunk."""
+    arrays = content.get(ARRAYS_KEY)
+    return isinstance(arrays, ArrayRecord) and (
+        segment_key(seg.name) in arrays or segment_chunk_key(seg.name, 0) in arrays
+    )

@@ -64,10 +64,46 @@ def check_metrics(content: RecordDict, max_examples: int) -> str | None:
     return None
 
 
+#: Kinds of rejected replies, by the phrase their reason starts with or contains (first match wins).
+REJECTION_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("late", ("no reply by the round deadline",)),
+    ("unavailable", ("node unavailable", "unavailable")),
+    ("replayed", ("replayed update",)),
+    ("stale-round", ("stale update",)),
+    ("oversized", ("oversized update", "more than the")),
+    ("non-finite", ("not finite", "non-finite")),
+    ("malformed", ("shape", "dtype", "parameter(s)", "ciphertext", "chunk", "holds", "no arrayrecord", "plaintext")),
+    ("signature", ("signature", "signed", "bound to")),
+    ("site-error", ("site reported an error",)),
+    ("metrics", ("metric", "num-examples", "weight")),
+)
+
+
+def rejection_kind(reason: str) -> str:
+    """The kind of a rejection reason: ``late``, ``non-finite``, ``oversized``, ``stale-round``, ... or ``other``."""
+    text = reason.lower()
+    for kind, phrases in REJECTION_KINDS:
+        if any(p in text for p in phrases):
+            return kind
+    return "other"
+
+
+#: Room for the ``.npy`` header each serialised array carries on top of its values.
+NPY_HEADER_BYTES = 1024
+
+
+def _nbytes(spec: ArraySpec) -> int:
+    return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+
+
 def _check_arrays(content: RecordDict, expected: Mapping[str, ArraySpec]) -> str | None:
     arrays = content.get(ARRAYS_KEY)
     if not isinstance(arrays, ArrayRecord):
         return f"no ArrayRecord under {ARRAYS_KEY!r}"
+    size = sum(len(a.data) for a in arrays.values())
+    limit = sum(_nbytes(s) + NPY_HEADER_BYTES for s in expected.values())
+    if size > limit:
+        return f"oversized update: {size} bytes of parameters, the model's take {limit}"
     missing = sorted(set(expected) - set(arrays))
     if missing:
         return f"missing parameter(s) {missing}"

@@ -25,7 +25,7 @@ from dmsc_fed.control.db import Backend, EventRow, as_utc
 
 __all__ = ["EVENT_KINDS", "EventKind", "EventLog", "EventRecord", "record_event"]
 
-EventKind = Literal["segmentation", "allocation", "round", "aggregation", "fault", "privacy", "task"]
+EventKind = Literal["segmentation", "allocation", "round", "aggregation", "fault", "privacy", "task", "recovery"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 

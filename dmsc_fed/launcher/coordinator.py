@@ -53,6 +53,9 @@ class FlowerRunner:
             "keys-dir": str(self.keys_dir.resolve()) if self.keys_dir else "",
             "control-db": self.db_url,
             "control-task": str(task.id),
+            # Every attempt of a task shares its snapshots and its id: a retried or recovered task resumes.
+            "snapshot-dir": str((self.runs_dir / f"task-{task.id}" / "snapshots").resolve()),
+            "task-id": f"task-{task.id}",
         }
         overrides = out / "run-config.toml"
         overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))

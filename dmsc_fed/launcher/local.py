@@ -59,6 +59,8 @@ out-dir = ""
 keys-dir = ""
 control-db = ""
 control-task = ""
+snapshot-dir = ""
+task-id = ""
 """
 
 

@@ -171,8 +171,13 @@ def join(
     state: Path,
     insecure: bool,
     say: Say,
+    chaos: str | None = None,
 ) -> None:
-    """Run this site's SuperNode until interrupted."""
+    """Run this site's SuperNode until interrupted.
+
+    ``chaos`` is a fault-injection schedule for chaos tests (:mod:`clients.chaos`); the
+    site refuses to train with one unless ``DMSC_FED_ALLOW_CHAOS=1`` is set.
+    """
     if not re.match(SITE_NAME_PATTERN, site):
         raise ConfigError(f"--site {site!r} must match {SITE_NAME_PATTERN}")
     host, server_port = _address(server, "--server")
@@ -194,6 +199,12 @@ def join(
         values["data-path"] = str(data.resolve())
     if policy is not None:
         values["policy"] = str(policy.resolve())
+    if chaos:
+        from clients.chaos import Chaos
+
+        Chaos.parse(chaos)  # a bad schedule is an error now, not at the first round
+        values["chaos"] = chaos
+        say(f"fault injection on: {chaos} (chaos testing only)")
     node_cfg = write_node_config(state / "node-config.toml", values)
     with sigterm_as_interrupt(), ProcessGroup() as group:
         argv = supernode_argv(

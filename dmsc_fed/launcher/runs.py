@@ -73,7 +73,13 @@ def submit_and_follow(
     """
     out.mkdir(parents=True, exist_ok=True)
     overrides = out / "run-config.toml"
-    values = {"dmsc-config": cfg.to_json(), "out-dir": str(out.resolve()), "keys-dir": str(keys_dir or "")}
+    values = {
+        "dmsc-config": cfg.to_json(),
+        "out-dir": str(out.resolve()),
+        "keys-dir": str(keys_dir or ""),
+        # Submitting the same config to the same run directory again resumes after its last snapshot.
+        "snapshot-dir": str((out / "snapshots").resolve()),
+    }
     overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     events.on_stage("submitting the run")
     run_id = cli.submit(app_dir=app, run_config=overrides)

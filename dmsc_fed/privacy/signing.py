@@ -146,8 +146,10 @@ def verify(content: RecordDict, *, expected: Binding, key: Ed25519PublicKey) -> 
         return f"signed as site {claimed.site!r} but sent by the node of site {expected.site!r}"
     if claimed.task != expected.task:
         return f"bound to task {claimed.task!r}, not {expected.task!r} (replayed?)"
+    if claimed.round < expected.round:
+        return f"stale update: bound to round {claimed.round}, this is round {expected.round}"
     if claimed.round != expected.round:
-        return f"bound to round {claimed.round}, not {expected.round} (replayed?)"
+        return f"bound to round {claimed.round}, not {expected.round}"
     if claimed.stage != expected.stage:
         return f"bound to stage {claimed.stage!r}, not {expected.stage!r}"
     signature = rec["signature"]

@@ -157,7 +157,7 @@ def test_tampered_forged_and_replayed_updates_are_rejected(keys: Path, tmp_path:
     assert arrays is None  # nothing valid to aggregate: the global model stays as it was
     reasons = {r["site"]: r["reason"] for r in strategy.reports[-1].rejected}
     assert "invalid signature" in reasons["a"]
-    assert "bound to round 1, not 2" in reasons["b"]
+    assert "replayed update: identical to the signed update received in round 1" in reasons["b"]
     assert "signed as site 'a' but sent by the node of site 'c'" in reasons["c"]
 
 

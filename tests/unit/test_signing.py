@@ -65,7 +65,7 @@ def test_forged_sender(keys) -> None:
 @pytest.mark.parametrize(
     ("binding", "needle"),
     [
-        (Binding(task=B.task, round=2, site="a", stage="train"), "bound to round 2, not 3"),
+        (Binding(task=B.task, round=2, site="a", stage="train"), "stale update: bound to round 2, this is round 3"),
         (Binding(task="hospital/6", round=3, site="a", stage="train"), "bound to task 'hospital/6'"),
         (Binding(task=B.task, round=3, site="a", stage="evaluate"), "bound to stage 'evaluate'"),
     ],

@@ -49,6 +49,7 @@ def test_bad_reply_is_left_out_and_the_rest_averaged() -> None:
     assert "exceeds the 5 samples" in reasons["c"]
     assert "not a member" in reasons["node-9"]
     strat.aggregate_evaluate(1, [])
+    strat.close_round(strat.reports[-1])
     assert reports and reports[0].round == 1 and reports[0].aggregated
 
 

@@ -22,7 +22,16 @@ def test_every_kind_is_accepted(store: Store, clock: FakeClock, kind: str) -> No
 
 
 def test_kinds_are_exactly_the_documented_set() -> None:
-    assert set(EVENT_KINDS) == {"segmentation", "allocation", "round", "aggregation", "fault", "privacy", "task"}
+    assert set(EVENT_KINDS) == {
+        "segmentation",
+        "allocation",
+        "round",
+        "aggregation",
+        "fault",
+        "privacy",
+        "task",
+        "recovery",
+    }
 
 
 def test_unknown_kind_lists_the_known_ones(store: Store) -> None:

@@ -1,0 +1,184 @@
+"""Chaos tests with real processes: bad updates, a SuperNode killed mid-round, a slow site, a killed server.
+
+Sites inject faults through ``dmsc-fed client --chaos`` (only with ``DMSC_FED_ALLOW_CHAOS=1``
+in their environment); processes are killed with SIGKILL by PID. Each test bounds its own
+time and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.chaos_rig import Federation, free_port, kill_9, metrics_rows, start, stop, text, wait
+from tests.helpers import cli, processes_under
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+BAD_UPDATES = """
+name = "chaos-updates"
+rounds = 6
+local_epochs = 1
+learning_rate = 0.05
+[[sites]]
+name = "a"
+[[sites]]
+name = "b"
+[[sites]]
+name = "c"
+[dataset]
+name = "breast_cancer"
+[strategy]
+round_timeout_s = 240
+[fault]
+quorum = 2
+"""
+
+
+def test_bad_updates_are_rejected_recorded_and_leave_the_aggregate_to_the_others(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "run"
+    try:
+        fed.start_server()
+        fed.start_site("a")
+        fed.start_site("b")
+        fed.start_site("c", chaos="2:replay,3:nan,4:shape,5:oversized,6:stale")
+        submit = fed.submit(BAD_UPDATES, out)
+        stdout, _ = submit.communicate(timeout=780)
+        assert submit.returncode == 0, stdout[-3000:]
+    finally:
+        fed.stop()
+    result = json.loads((out / "summary.json").read_text())
+    rows = metrics_rows(out)
+    assert result["rounds_completed"] == 6
+    assert rows[1]["train_sites"] == ["a", "b", "c"]  # c honest in round 1
+    expected = {2: "replayed", 3: "non-finite", 4: "malformed", 5: "oversized", 6: "stale-round"}
+    for rnd, kind in expected.items():
+        assert rows[rnd]["train_sites"] == ["a", "b"], rows[rnd]  # the aggregate is a's and b's alone
+        bad = [r for r in rows[rnd]["rejected"] if r["site"] == "c" and r["stage"] == "train"]
+        assert [r["kind"] for r in bad] == [kind], bad
+    assert "identical to the signed update received in round 1" in rows[2]["rejected"][0]["reason"]
+    for kind in expected.values():
+        assert result["rejected_by_kind"][kind] == 1
+    assert result["final_metrics"]["accuracy"] > 0.8
+
+
+KILL_AND_SLOW = """
+name = "chaos-sites"
+rounds = 4
+local_epochs = 1
+learning_rate = 0.05
+[[sites]]
+name = "a"
+[[sites]]
+name = "b"
+[[sites]]
+name = "c"
+[dataset]
+name = "breast_cancer"
+[strategy]
+round_timeout_s = 60
+[fault]
+quorum = 2
+"""
+
+
+def test_a_killed_site_and_a_slow_site_leave_the_task_to_the_others_and_the_killed_one_rejoins(
+    tmp_path: Path,
+) -> None:
+    fed = Federation(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "run"
+    try:
+        fed.start_server()
+        fed.start_site("a")
+        fed.start_site("b", chaos="3:slow=100")
+        fed.start_site("c")
+        submit = fed.submit(KILL_AND_SLOW, out)
+        wait("round 2 to start", lambda: "round 2: training on" in text(out / "server.log"), 400)
+        time.sleep(4)  # c's ClientApp is training round 2 now
+        killed = kill_9(fed.procs["c"], tmp_path / "c")
+        assert len(killed) >= 2
+        fed.start_site("c")  # the site comes back mid-task, with the same key and ledger
+        stdout, _ = submit.communicate(timeout=780)
+        assert submit.returncode == 0, stdout[-3000:]
+    finally:
+        fed.stop()
+    result = json.loads((out / "summary.json").read_text())
+    rows = metrics_rows(out)
+    assert result["rounds_completed"] == 4
+    assert rows[1]["train_sites"] == ["a", "b", "c"]
+    assert rows[2]["train_sites"] == ["a", "b"]  # c was killed mid-round: fewer participants
+    assert any(r["site"] == "c" and r["stage"] == "train" for r in rows[2]["rejected"])
+    assert "b" not in rows[3]["train_sites"] and len(rows[3]["train_sites"]) >= 2  # b slept past the deadline
+    late = [r for r in rows[3]["rejected"] if r["site"] == "b" and r["stage"] == "train"]
+    assert [r["kind"] for r in late] == ["late"]
+    assert "c" in rows[3]["train_sites"] or "c" in rows[4]["train_sites"]  # c rejoined from the next round
+
+
+COORDINATED = """
+name = "chaos-server"
+rounds = 4
+local_epochs = 1
+learning_rate = 0.05
+[[sites]]
+name = "east"
+[[sites]]
+name = "west"
+[dataset]
+name = "breast_cancer"
+"""
+
+
+def test_a_killed_server_resumes_the_task_after_its_last_snapshot(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert cli("keys", "init", "--out", str(keys), "--sites", "east,west").returncode == 0
+    state = tmp_path / "coord"
+    port, api_port = free_port(), free_port()
+    env = {"DMSC_FED_API": f"http://127.0.0.1:{api_port}", "DMSC_FED_TOKEN_FILE": str(state / "cli-token")}
+    coordinator = [
+        "coordinator", "--keys", str(keys / "server"), "--state", str(state),
+        "--port", str(port), "--api-port", str(api_port),
+    ]  # fmt: skip
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    snapshots = state / "runs" / "task-1" / "snapshots"
+    try:
+        procs["coordinator"] = start(*coordinator, log=tmp_path / "coordinator.out")
+        wait("the control API", lambda: "control API on" in text(tmp_path / "coordinator.out"), 90)
+        for site in ("east", "west"):
+            procs[site] = start(
+                "client", "--server", f"127.0.0.1:{port}", "--site", site, "--keys", str(keys / "sites" / site),
+                "--port", str(free_port()), "--state", str(tmp_path / site), log=tmp_path / f"{site}.out",
+            )  # fmt: skip
+        cfg = tmp_path / "task.toml"
+        cfg.write_text(COORDINATED)
+        res = cli("tasks", "submit", str(cfg), "--timeout", "800", env=env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        wait("the round-2 snapshot", lambda: (snapshots / "round-000002.json").exists(), 500)
+        kill_9(procs["coordinator"], state)  # the coordinator, its SuperLink and the ServerApp
+        done = sorted(int(p.stem.split("-")[1]) for p in snapshots.glob("round-*.json"))
+        assert processes_under(state) == []
+        procs["coordinator"] = start(*coordinator, log=tmp_path / "coordinator-2.out")
+
+        def succeeded() -> bool:
+            listing = cli("tasks", "list", env=env, timeout=60)
+            return listing.returncode == 0 and "succeeded" in listing.stdout
+
+        wait("the task to succeed after the restart", succeeded, 600, 5)
+    finally:
+        stop(list(procs.values()))
+    time.sleep(1)
+    assert processes_under(tmp_path) == [], "Flower processes were left running"
+    attempts = sorted((state / "runs" / "task-1").glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(attempts) >= 2
+    result = json.loads((attempts[-1] / "result.json").read_text())
+    assert result["resumed_after_round"] == max(done)  # no completed round lost, none repeated
+    assert result["rounds_completed"] == 4
+    rows = metrics_rows(attempts[-1])
+    assert sorted(rows) == list(range(max(done) + 1, 5))  # the new run trained only the remaining rounds
+    assert result["final_metrics"]["accuracy"] > 0.8
+    log = text(attempts[-1] / "server.log")
+    assert f"resuming task 'task-1' after round {max(done)}" in log
