@@ -94,6 +94,7 @@ class RoundLoop:
     # ------------------------------------------------------------------ public
     def run(self, *, initial: ArrayRecord, rounds: int, start_round: int = 1) -> None:
         """Run the rounds; raises :class:`RoundFailed` when one stays below quorum after its retries."""
+        self.strategy.summary()
         model = self.strategy.current if self.strategy.current is not None else initial
         stable = Stable(round=start_round - 1, model=model, loss=_last_loss(self.strategy.reports))
         for rnd in range(start_round, rounds + 1):
@@ -124,10 +125,20 @@ class RoundLoop:
         if not messages:
             return []
         replies = list(self.grid.send_and_receive(messages=messages, timeout=self.deadline_s))
-        answered = {r.metadata.src_node_id for r in replies}
+        # The SuperLink answers for a node that stopped heartbeating: an error reply from the SuperLink itself.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        kept, answered = [], set()
+        for reply in replies:
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            if reply.has_error() and node != reply.metadata.src_node_id:
+                reason = f"site unavailable: {reply.error.reason}"
+                self.strategy.record_dropped(report, stage=stage, node=node, reason=reason)
+                continue
+            kept.append(reply)
         missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
         self.strategy.record_missing(report, stage=stage, nodes=missing, deadline_s=self.deadline_s)
-        return replies
+        return kept
 
     def _train(self, rnd: int, model: ArrayRecord) -> tuple[RoundReport, ArrayRecord]:
         strategy = self.strategy

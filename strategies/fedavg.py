@@ -134,6 +134,7 @@ class RoundReport:
             "refused": self.refused,
             "sampled": self.sampled,
             "bytes_up": self.bytes_up,
+            "started": round(self.started, 3),
             "seconds": round(self.seconds, 3),
             "attempts": self.attempts,
             "rolled_back": self.rolled_back,
@@ -146,7 +147,7 @@ class RoundReport:
         """The report back from :meth:`to_dict` (a snapshot's round history); marked ``restored``."""
         return cls(
             round=int(row["round"]),
-            started=0.0,
+            started=float(row.get("started", 0.0)),
             train=dict(row.get("train", {})),
             evaluate=dict(row.get("evaluate", {})),
             train_sites=list(row.get("train_sites", [])),
@@ -364,10 +365,15 @@ class WeightedFedAvg(FedAvg):
     def record_missing(self, report: RoundReport, *, stage: str, nodes: Iterable[int], deadline_s: float) -> None:
         """Log and record the sites sent a message that did not reply by the deadline."""
         for node in nodes:
-            name = self.sites[node].name if node in self.sites else f"node-{node}"
-            reason = f"no reply by the round deadline ({deadline_s:g} s)"
-            log.warning("round %d: %s reply from %s dropped: %s", report.round, stage, name, reason)
-            report.rejected.append({"site": name, "stage": stage, "reason": reason, "kind": rejection_kind(reason)})
+            self.record_dropped(
+                report, stage=stage, node=node, reason=f"no reply by the round deadline ({deadline_s:g} s)"
+            )
+
+    def record_dropped(self, report: RoundReport, *, stage: str, node: int, reason: str) -> None:
+        """Log and record a reply that never came from a site (late, or its node unavailable)."""
+        name = self.sites[node].name if node in self.sites else f"node-{node}"
+        log.warning("round %d: %s reply from %s dropped: %s", report.round, stage, name, reason)
+        report.rejected.append({"site": name, "stage": stage, "reason": reason, "kind": rejection_kind(reason)})
 
     def reassign(self, server_round: int, replies: list[Message], config: ConfigRecord, grid: Grid) -> list[Message]:
         """Messages that hand failed sites' work to others within the round (hook: none by default).

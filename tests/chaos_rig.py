@@ -122,6 +122,57 @@ class Federation:
             os.kill(pid, signal.SIGKILL)
 
 
+class Coordinated(Federation):
+    """``dmsc-fed coordinator`` (SuperLink, control API, dispatcher) as the server, with the same sites."""
+
+    def __init__(self, tmp: Path, sites: list[str]) -> None:
+        super().__init__(tmp, sites)
+        self.state = tmp / "coord"
+        self.api_port = free_port()
+        self.env = {
+            "DMSC_FED_API": f"http://127.0.0.1:{self.api_port}",
+            "DMSC_FED_TOKEN_FILE": str(self.state / "cli-token"),
+        }
+        self.starts = 0
+
+    def start_server(self) -> None:
+        """Start (or restart) the coordinator and wait for its control API."""
+        self.starts += 1
+        log = self.tmp / f"coordinator-{self.starts}.out"
+        self.procs["server"] = start(
+            "coordinator", "--keys", str(self.keys / "server"), "--state", str(self.state),
+            "--port", str(self.port), "--api-port", str(self.api_port), log=log,
+        )  # fmt: skip
+        wait("the control API", lambda: "control API on" in text(log), 90)
+
+    def kill_server(self) -> list[int]:
+        """SIGKILL the coordinator, its SuperLink and the ServerApp."""
+        return kill_9(self.procs["server"], self.state)
+
+    def submit_task(self, config: str, *, timeout_s: int = 800) -> int:
+        """Queue the config as a task through the API; returns its id."""
+        cfg = self.tmp / "task.toml"
+        cfg.write_text(config)
+        res = cli("tasks", "submit", str(cfg), "--timeout", str(timeout_s), env=self.env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return int(res.stdout.split("queued task ")[1].split()[0])
+
+    def task_state(self, task: int) -> str:
+        """The task's state from the control API ("" while the API does not answer)."""
+        import httpx
+
+        token = text(self.state / "cli-token").strip()
+        try:
+            res = httpx.get(
+                f"http://127.0.0.1:{self.api_port}/v1/tasks/{task}",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+            )
+        except httpx.HTTPError:
+            return ""
+        return str(res.json().get("state", "")) if res.status_code == 200 else ""
+
+
 def metrics_rows(out: Path) -> dict[int, dict[str, Any]]:
     """metrics.jsonl by round."""
     return {r["round"]: r for r in (json.loads(line) for line in text(out / "metrics.jsonl").splitlines())}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,13 @@ from dmsc_fed.security.provision import ServerKeys, SiteKeys
 Say = Callable[[str], None]
 
 
+#: What a SuperNode logs when the SuperLink refuses to activate it (its previous session is still online).
+STILL_ACTIVE = "Failed to activate SuperNode"
+#: How long a restarted site keeps retrying while its previous session expires (Flower: 2 x 30 s heartbeats).
+REJOIN_WAIT_S = 180.0
+REJOIN_RETRY_S = 10.0
+
+
 def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
     say(f"{main.name} running (pid {main.popen.pid}); logs in {main.log_path}; Ctrl-C to stop")
     try:
@@ -48,6 +55,39 @@ def _hold(group: ProcessGroup, main: Child, say: Say) -> None:
     except KeyboardInterrupt:
         raise Interrupted(f"{main.name} stopped") from None
     raise LauncherError(f"{main.name} exited with code {main.popen.returncode}:\n{tail(main.log_path)}")
+
+
+def hold_rejoining(
+    group: ProcessGroup,
+    *,
+    name: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    say: Say,
+    wait_s: float = REJOIN_WAIT_S,
+    retry_s: float = REJOIN_RETRY_S,
+) -> None:
+    """Run a SuperNode until interrupted, starting it again while the SuperLink still holds its old session.
+
+    A site restarted right after a crash is refused (Flower keeps the previous session
+    online until two heartbeats are missed); it retries every ``retry_s`` for up to
+    ``wait_s`` and then fails with the SuperNode's own message.
+    """
+    give_up = time.monotonic() + wait_s
+    while True:
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        node = group.start(name=name, argv=argv, env=env, log_path=log_path)
+        try:
+            _hold(group, node, say)
+        except LauncherError:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                held = STILL_ACTIVE in fh.read().decode(errors="replace")
+            if not held or time.monotonic() > give_up:
+                raise
+            say(f"the SuperLink still holds this site's previous session; retrying in {retry_s:g} s")
+            time.sleep(retry_s)
 
 
 def start_superlink(
@@ -214,7 +254,11 @@ def join(
             private_key=None if insecure or site_keys is None else site_keys.supernode_key,
             node_config=node_cfg,
         )
-        node = group.start(
-            name=f"SuperNode {site}", argv=argv, env=flower_env(state / "home"), log_path=state / "supernode.log"
+        hold_rejoining(
+            group,
+            name=f"SuperNode {site}",
+            argv=argv,
+            env=flower_env(state / "home"),
+            log_path=state / "supernode.log",
+            say=say,
         )
-        _hold(group, node, say)

@@ -54,6 +54,7 @@ class FakeGrid:
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
         out = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does when it pushes
             rnd = int(msg.content["config"]["server-round"])  # type: ignore[index, arg-type]
             key = (msg.metadata.dst_node_id, rnd, msg.metadata.message_type)
             self.sent[key] = self.sent.get(key, 0) + 1
@@ -233,3 +234,30 @@ def test_privacy_spend_is_in_the_snapshot(tmp_path: Path) -> None:
     snap = store.latest()
     assert snap is not None
     assert snap.state["privacy"]["b"]["epsilon"] == 1.0
+
+
+def test_the_superlinks_error_reply_for_a_dead_node_is_recorded_as_that_site_unavailable() -> None:
+    from flwr.app import Error
+
+    class DeadC(FakeGrid):
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            alive = [m for m in messages if m.metadata.dst_node_id != 3]
+            out = super().send_and_receive(alive, timeout)
+            for msg in messages:
+                if msg.metadata.dst_node_id == 3:
+                    msg.metadata.__dict__["_message_id"] = msg.object_id
+                    err = Message(
+                        error=Error(code=5, reason="Error: Node Unavailable - missed heartbeats"), reply_to=msg
+                    )
+                    err.metadata.__dict__["_src_node_id"] = 1  # sent by the SuperLink, not by the node
+                    out.append(err)
+            return out
+
+    strategy = _strategy()
+    loop = _loop(strategy, honest, FaultSpec(quorum=2))
+    loop.grid = DeadC(honest)  # type: ignore[assignment]
+    loop.run(initial=_initial(), rounds=1)
+    report = strategy.reports[0]
+    assert report.aggregated and sorted(report.train_sites) == ["a", "b"]
+    assert [(r["site"], r["kind"]) for r in report.rejected] == [("c", "unavailable"), ("c", "unavailable")]
+    assert "Node Unavailable" in report.rejected[0]["reason"]
