@@ -269,30 +269,9 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         seed=cfg.seed,
     )
     holder.update(strategy=strategy, he_params=he_params)
-    if reporter is not None and layout is not None:
-        reporter.planned(layout)
-    task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
-    if layout is not None:
-        task[SEGMENTS_KEY] = layout.to_json()
-        if out is not None:
-            (out / "segments.json").write_text(layout.to_json() + "\n")
-    if joined.stats:
-        if len(joined.stats) != len(sites):
-            raise RunFailedError("federated scaling needs feature statistics from every site; some sent none")
-        scaler = fit_scaler(list(joined.stats.values()))
-        task[SCALER_MEAN] = scaler.mean.tolist()
-        task[SCALER_STD] = scaler.std.tolist()
-        log.info(
-            "federated scaling fitted on %d training samples from %d sites",
-            sum(s.count for s in joined.stats.values()),
-            len(joined.stats),
-        )
-    started = time.time()
-    ended_early = None
-    failed: RoundFailed | None = None
     start_round = 1
     if snap is not None:
-        strategy.restore(snap.state, snap.arrays)
+        strategy.restore(snap.state, snap.arrays)  # a segmented strategy takes the snapshot's layout back
         start_round = snap.round + 1
         log.warning(
             "resuming task %r after round %d from snapshot %s (%d rounds of history restored)",
@@ -303,6 +282,34 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         )
         if reporter is not None:
             reporter.resumed(round=snap.round, path=str(snap.path))
+    if isinstance(strategy, SegmentedFedAvg):
+        layout = strategy.layout
+    if reporter is not None and layout is not None:
+        reporter.planned(layout)
+    task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
+    if layout is not None:
+        task[SEGMENTS_KEY] = layout.to_json()
+        if out is not None:
+            (out / "segments.json").write_text(layout.to_json() + "\n")
+    kept: dict[str, Any] = {"task_id": task_id}
+    if snap is not None and "scaler" in snap.state:  # the same standardization as before the restart
+        kept["scaler"] = snap.state["scaler"]
+    elif joined.stats:
+        if len(joined.stats) != len(sites):
+            raise RunFailedError("federated scaling needs feature statistics from every site; some sent none")
+        scaler = fit_scaler(list(joined.stats.values()))
+        kept["scaler"] = {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
+        log.info(
+            "federated scaling fitted on %d training samples from %d sites",
+            sum(s.count for s in joined.stats.values()),
+            len(joined.stats),
+        )
+    if "scaler" in kept:
+        task[SCALER_MEAN] = [float(v) for v in kept["scaler"]["mean"]]
+        task[SCALER_STD] = [float(v) for v in kept["scaler"]["std"]]
+    started = time.time()
+    ended_early = None
+    failed: RoundFailed | None = None
     loop = RoundLoop(
         strategy=strategy,
         grid=grid,
@@ -311,7 +318,7 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
         train_config=task,
         evaluate_config=ConfigRecord(dict(task)),
         snapshots=snapshots,
-        task_state={"task_id": task_id},
+        task_state=kept,
     )
     try:
         loop.run(initial=initial, rounds=cfg.rounds, start_round=start_round)

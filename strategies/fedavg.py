@@ -51,6 +51,10 @@ log = logging.getLogger("dmsc_fed.strategy")
 ReplyCheck = Callable[[SiteInfo, RecordDict, str, int], "str | None"]
 
 
+#: Rounds for which accepted signatures are remembered to name a replay as such.
+REPLAY_WINDOW = 5
+
+
 class TaskFinished(Exception):
     """Raised by a strategy when no site can train any more (for example, every budget is spent)."""
 
@@ -410,7 +414,12 @@ class WeightedFedAvg(FedAvg):
         self.current = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}) if arrays else None
 
     def close_round(self, report: RoundReport) -> None:
-        """The round is over (aggregated, or rolled back): time it and tell ``on_round``."""
+        """The round is over (aggregated, or rolled back): time it and tell ``on_round``.
+
+        Signatures older than :data:`REPLAY_WINDOW` rounds are forgotten: an update that
+        old fails its round binding anyway (``stale-round``).
+        """
+        self.seen_signatures = {k: r for k, r in self.seen_signatures.items() if r > report.round - REPLAY_WINDOW}
         report.seconds = time.time() - report.started
         if self.on_round is not None:
             self.on_round(report)

@@ -158,13 +158,25 @@ class SegmentedFedAvg(WeightedFedAvg):
         """The base state plus the attention rule's noise generator."""
         state, arrays = super().state()
         state["noise_rng"] = self.noise_rng.bit_generator.state
+        state["layout"] = self.layout.to_json()
         return state, arrays
 
     def restore(self, state: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]) -> None:
-        """Continue from :meth:`state`."""
+        """Continue from :meth:`state`, with the snapshot's layout (its segments match the saved model).
+
+        A site of that layout that did not rejoin has its block or layer segments
+        reassigned each round.
+        """
         super().restore(state, arrays)
         if "noise_rng" in state:
             self.noise_rng.bit_generator.state = dict(state["noise_rng"])
+        if "layout" in state:
+            saved = SegmentLayout.from_json(str(state["layout"]))
+            if saved != self.layout:
+                log.warning(
+                    "resuming with the segmentation of the snapshot; the sites that joined now would plan another"
+                )
+                self.layout = saved
 
     # ------------------------------------------------------------ reassignment
     def reassign(self, server_round: int, replies: list[Message], config: ConfigRecord, grid: Grid) -> list[Message]:

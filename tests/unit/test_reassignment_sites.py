@@ -12,17 +12,15 @@ drops every training and evaluation message sent to it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from clients.site import handle_evaluate, handle_join, handle_train
 from dmsc_fed.config import FaultSpec, FederationConfig
 from dmsc_fed.data.scaling import fit_scaler
 from dmsc_fed.privacy.he import load_secret_context
@@ -46,6 +44,7 @@ from server.loop import _strategy, signature_check
 from server.rounds import RoundLoop
 from strategies.segmented import SegmentedFedAvg
 from tests.conftest import make_config
+from tests.sitegrid import SiteGrid
 
 pytestmark = pytest.mark.usefixtures("flwr_identity")
 
@@ -58,36 +57,6 @@ TASK_ID = "reassign/1"
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The federation's key material, as ``dmsc-fed keys init`` makes it."""
     return provision(out=tmp_path_factory.mktemp("keys") / "keys", sites=list(SITES))
-
-
-@dataclass
-class SiteGrid:
-    """A Grid whose sites run in this process; the sites in ``down`` answer the join, then nothing."""
-
-    nodes: dict[int, dict[str, str]]
-    down: set[int]
-    train_calls: list[tuple[str, Message, Message]] = field(default_factory=list)  # (site, request, reply)
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        handlers = {
-            MessageType.QUERY: handle_join,
-            MessageType.TRAIN: handle_train,
-            MessageType.EVALUATE: handle_evaluate,
-        }
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            kind = msg.metadata.message_type
-            if kind != MessageType.QUERY and node in self.down:
-                continue  # the site crashed after joining: no reply by the deadline
-            reply = Message(content=handlers[kind](msg.content, self.nodes[node]), reply_to=msg)
-            if kind == MessageType.TRAIN:
-                self.train_calls.append((self.nodes[node]["site-name"], msg, reply))
-            replies.append(reply)
-        return replies
 
 
 @dataclass
