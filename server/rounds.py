@@ -25,6 +25,7 @@ It replaces Flower's ``Strategy.start`` loop and calls the same strategy hooks
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,7 @@ class RoundLoop:
             stable = Stable(round=rnd, model=aggregated, loss=report.evaluate.get("loss", stable.loss))
         else:
             self._roll_back(report, reason, stable)
+        report.seconds = time.time() - report.started  # the snapshot's history has the round's duration
         self._snapshot(rnd, stable)
         self.strategy.close_round(report)
         return stable
