@@ -2,8 +2,9 @@
 
 A site misbehaves only when its SuperNode's node config has a ``chaos`` key
 *and* its process runs with ``DMSC_FED_ALLOW_CHAOS=1``. A ``chaos`` key without
-that variable is an error (:class:`~dmsc_fed.errors.PrivacyError`): the site
-fails closed and nothing leaves it. Without the key nothing changes at all.
+that variable is an error (:class:`~dmsc_fed.errors.PrivacyError`) when the site
+is asked to train: it fails closed and sends no update (join and evaluation replies,
+which carry no update, are unaffected). Without the key nothing changes at all.
 
 Node config key ``chaos``
 -------------------------

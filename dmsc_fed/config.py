@@ -268,8 +268,13 @@ class FederationConfig(_Frozen):
             raise ValueError(
                 f"strategy.min_sites = {self.strategy.min_sites} is more than the {len(self.sites)} sites configured"
             )
-        if self.fault.quorum > len(self.sites):
-            raise ValueError(f"fault.quorum = {self.fault.quorum} is more than the {len(self.sites)} sites configured")
+        sampled = min(len(self.sites), max(self.min_sites, round(len(self.sites) * self.strategy.fraction_train)))
+        if self.fault.quorum > sampled:
+            raise ValueError(
+                f"fault.quorum = {self.fault.quorum} is more than the {sampled} sites a round trains on "
+                f"({len(self.sites)} sites, strategy.fraction_train = {self.strategy.fraction_train}, "
+                f"strategy.min_sites = {self.min_sites})"
+            )
         return self
 
     @property

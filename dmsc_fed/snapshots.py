@@ -3,7 +3,7 @@
 Layout of a snapshot directory::
 
     DIR/round-000003.npz    the arrays of round 3 (``np.savez``, never pickled)
-    DIR/round-000003.json   its manifest: format, round, fingerprint, created, npz, bytes, sha256, state
+    DIR/round-000003.json   its manifest: format, round, fingerprint, created, npz, bytes, sha256, state, state_sha256
 
 The manifest is the commit marker: it is written last, and a round without a
 readable manifest whose checksum matches its arrays file does not exist for
@@ -242,6 +242,7 @@ class SnapshotStore:
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "state": state,
+                "state_sha256": _state_digest(state),
             }
             text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
             _write_atomic(self.directory, manifest_path, text.encode("utf-8"))
@@ -359,6 +360,8 @@ class SnapshotStore:
             raise _Unusable("manifest sha256 is not 64 lowercase hex digits")
         if not isinstance(doc["state"], dict):
             raise _Unusable("manifest state is not a JSON object")
+        if doc.get("state_sha256") != _state_digest(doc["state"]):
+            raise _Unusable("checksum mismatch: the manifest's state differs from its state_sha256")
         return doc
 
     def _verified_npz(self, doc: Mapping[str, Any]) -> tuple[Path, bytes]:
@@ -557,3 +560,8 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of the state's canonical JSON (sorted keys, no whitespace): what the manifest's state must hash to."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()

@@ -15,7 +15,9 @@ It replaces Flower's ``Strategy.start`` loop and calls the same strategy hooks
 * **Rollback.** A round whose aggregate is not finite, or whose evaluation loss
   exceeds ``rollback_loss_factor`` times the last stable round's, is rolled back
   to the last stable model; the sites whose updates stood out are recorded as
-  suspects and, with ``exclude_suspects``, retired from training.
+  suspects and, with ``exclude_suspects``, retired from training. Suspects are found
+  from whole-model plaintext updates only: with encryption or segmentation the
+  server cannot compare updates, and a rollback names none.
 * **Snapshots.** After every round the strategy's state (global model, round
   history, retired sites, seen signatures, RNG state, the sites' privacy spend)
   is saved atomically; a restarted server restores the last good snapshot
@@ -91,6 +93,7 @@ class RoundLoop:
         self.evaluate_config = evaluate_config
         self.snapshots = snapshots
         self.task_state = dict(task_state or {})
+        self.poll_s = 2.0
 
     # ------------------------------------------------------------------ public
     def run(self, *, initial: ArrayRecord, rounds: int, start_round: int = 1) -> None:
@@ -152,9 +155,12 @@ class RoundLoop:
             messages = list(strategy.configure_train(rnd, model, config, self.grid))
             report = strategy.reports[-1]
             report.attempts = attempt
-            if carried is not None:  # what went wrong in earlier attempts stays on record
+            if carried is not None:  # the round's clock and what went wrong in earlier attempts stay on record
+                report.started = carried.started
                 report.rejected[:0] = carried.rejected
                 report.refused[:0] = carried.refused
+                for site, stages in carried.per_site.items():  # e.g. privacy spent in an attempt that failed
+                    report.per_site.setdefault(site, stages)
             replies = self._exchange(messages, report, "train")
             if self.fault.reassign:
                 extra = strategy.reassign(rnd, replies, config, self.grid)
@@ -169,10 +175,29 @@ class RoundLoop:
             if attempt < attempts:
                 log.warning("round %d attempt %d/%d below quorum (%s): retrying", rnd, attempt, attempts, why)
                 carried = strategy.reports.pop()
+                self._await_quorum()
                 continue
             strategy.close_round(report)
             raise RoundFailed(f"round {rnd} stayed below quorum after {attempts} attempt(s): {why}")
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _await_quorum(self) -> None:
+        """Wait (up to one deadline) until enough member sites are connected for the next attempt.
+
+        A site restarted after a crash needs a while to be let back in; retrying at once
+        would spend every attempt without it.
+        """
+        strategy = self.strategy
+        give_up = time.monotonic() + self.deadline_s
+        while time.monotonic() < give_up:
+            connected = set(self.grid.get_node_ids())
+            ready = [n for n in strategy.sites if n in connected and n not in strategy.retired]
+            if len(ready) >= self.fault.quorum:
+                return
+            time.sleep(min(self.poll_s, max(give_up - time.monotonic(), 0.0)))
+        log.warning(
+            "fewer than %d member sites connected after %g s; retrying anyway", self.fault.quorum, self.deadline_s
+        )
 
     def _evaluate(self, rnd: int, model: ArrayRecord) -> None:
         strategy = self.strategy
@@ -203,7 +228,6 @@ class RoundLoop:
             return
         state, arrays = self.strategy.state()
         state["privacy"] = privacy_spend(self.strategy.reports)
-        state["stable"] = {"round": stable.round, "loss": stable.loss}
         state.update(self.task_state)
         try:
             path = self.snapshots.save(round=rnd, arrays=arrays, state=state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -93,9 +94,11 @@ def weighted_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[f
     out: dict[str, float] = {}
     for key in sorted(keys):
         if key == NUM_EXAMPLES_KEY:
-            out[key] = float(sum(m[key] for m in metrics))
+            value = float(sum(m[key] for m in metrics))
         else:
-            out[key] = sum(w * float(m[key]) for m, w in zip(metrics, weights, strict=True)) / total
+            value = sum((w / total) * float(m[key]) for m, w in zip(metrics, weights, strict=True))
+        if math.isfinite(value):  # finite inputs can still overflow; a non-finite mean is left out
+            out[key] = value
     return out
 
 
@@ -329,7 +332,8 @@ class WeightedFedAvg(FedAvg):
             site = self.sites.get(node)
             name = site.name if site else f"node-{node}"
             reason: str | None
-            seen = _signature_digest(msg.content) if site is not None and not msg.has_error() else None
+            # A refusal carries no timing, so an honest repeat signs to the same bytes: not a replay.
+            seen = self.replay_digest(msg) if site is not None else None
             if site is None:
                 reason = "sender is not a member site of this run"
             elif msg.has_error():
@@ -361,6 +365,17 @@ class WeightedFedAvg(FedAvg):
             assert site is not None
             accepted.append((site, msg.content))
         return accepted
+
+    def replay_digest(self, msg: Message) -> str | None:
+        """The digest a replay of this reply would repeat (None: not signed, an error or a refusal)."""
+        if msg.has_error() or STATUS_KEY in msg.content:
+            return None
+        return _signature_digest(msg.content)
+
+    def is_replay(self, msg: Message) -> bool:
+        """Whether this reply repeats a signed update already received (within :data:`REPLAY_WINDOW`)."""
+        seen = self.replay_digest(msg)
+        return seen is not None and seen in self.seen_signatures
 
     def refusal_retires(self, site: SiteInfo) -> bool:
         """Whether a site that refused to train this round stops training for the task (hook: always)."""
@@ -420,7 +435,8 @@ class WeightedFedAvg(FedAvg):
         old fails its round binding anyway (``stale-round``).
         """
         self.seen_signatures = {k: r for k, r in self.seen_signatures.items() if r > report.round - REPLAY_WINDOW}
-        report.seconds = time.time() - report.started
+        if not report.seconds:
+            report.seconds = time.time() - report.started
         if self.on_round is not None:
             self.on_round(report)
 

@@ -243,7 +243,7 @@ class SegmentedFedAvg(WeightedFedAvg):
 
     def _acceptable(self, site: SiteInfo, msg: Message, server_round: int) -> bool:
         """Whether a training reply would be aggregated (checked quietly, nothing recorded)."""
-        if msg.has_error() or STATUS_KEY in msg.content:
+        if msg.has_error() or STATUS_KEY in msg.content or self.is_replay(msg):
             return False
         if self.reply_check is not None and self.reply_check(site, msg.content, "train", server_round) is not None:
             return False

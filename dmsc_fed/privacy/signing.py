@@ -15,7 +15,6 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -136,9 +135,12 @@ def verify(content: RecordDict, *, expected: Binding, key: Ed25519PublicKey) -> 
     rec = content.get(SIGNATURE_KEY)
     if not isinstance(rec, ConfigRecord) or "signature" not in rec:
         return "the update is not signed"
+    claimed_round = rec.get("round", -1)
+    if isinstance(claimed_round, bool) or not isinstance(claimed_round, int):
+        return f"the signature's round is not an integer ({claimed_round!r})"
     claimed = Binding(
         task=str(rec.get("task")),
-        round=int(cast(int, rec.get("round", -1))),
+        round=claimed_round,
         site=str(rec.get("site")),
         stage=str(rec.get("stage")),
     )

@@ -99,3 +99,11 @@ def test_site_index_of_non_member(cfg) -> None:
     assert cfg.site_index("b") == 1
     with pytest.raises(ConfigError, match="not a member"):
         cfg.site_index("zzz")
+
+
+def test_a_quorum_larger_than_the_sites_a_round_trains_on_is_refused() -> None:
+    sites = [{"name": f"s{i}"} for i in range(10)]
+    make_config(sites=sites, fault={"quorum": 10})  # every site trains by default
+    with pytest.raises(ConfigError, match=r"fault.quorum = 3 is more than the 2 sites a round trains on"):
+        make_config(sites=sites, strategy={"min_sites": 1, "fraction_train": 0.2}, fault={"quorum": 3})
+    make_config(sites=sites, strategy={"min_sites": 3, "fraction_train": 0.2}, fault={"quorum": 3})

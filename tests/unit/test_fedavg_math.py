@@ -42,3 +42,12 @@ def test_weighted_metrics_sums_counts_and_averages_the_rest() -> None:
         [10, 30],
     )
     assert m == {"num-examples": 40.0, "accuracy": pytest.approx((5 + 27) / 40)}
+
+
+def test_weighted_means_of_huge_metrics_stay_finite() -> None:
+    m = weighted_metrics(
+        [{"num-examples": 500, "loss": 1e306, "acc": 0.5}, {"num-examples": 500, "loss": 1e306, "acc": 1.0}], [500, 500]
+    )
+    assert m == {"num-examples": 1000.0, "loss": pytest.approx(1e306), "acc": 0.75}
+    huge = weighted_metrics([{"num-examples": 1, "x": 1.7e308}, {"num-examples": 1, "x": 1.7e308}], [1e308, 1e308])
+    assert "x" in huge and np.isfinite(huge["x"])  # scaling each weight first keeps it finite

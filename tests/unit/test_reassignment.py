@@ -227,3 +227,15 @@ def test_a_reply_the_reply_check_rejects_is_not_healthy() -> None:
     extra = strat.reassign(1, [_own(msgs[1], strat, 1.0), _own(msgs[2], strat, 2.0)], config, grid)
     assert [m.metadata.dst_node_id for m in extra] == [2]
     assert list(extra[0].content["config"][SEGMENT_NAMES]) == ["block-0", "block-2"]
+
+
+def test_a_replayed_reply_is_not_healthy_so_its_block_is_reassigned() -> None:
+    import hashlib
+
+    strat, config, grid, msgs = _round1(_blocks(["a", "b", "c"]))
+    replayed = _own(msgs[1], strat, 1.0)
+    replayed.content["signature"] = ConfigRecord({"signature": b"sig-from-round-0"})
+    strat.seen_signatures[hashlib.sha256(b"sig-from-round-0").hexdigest()] = 0
+    extra = strat.reassign(1, [replayed, _own(msgs[2], strat, 2.0)], config, grid)
+    assert [m.metadata.dst_node_id for m in extra] == [2]
+    assert list(extra[0].content["config"][SEGMENT_NAMES]) == ["block-0", "block-2"]

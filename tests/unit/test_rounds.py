@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -261,3 +262,66 @@ def test_the_superlinks_error_reply_for_a_dead_node_is_recorded_as_that_site_una
     assert report.aggregated and sorted(report.train_sites) == ["a", "b"]
     assert [(r["site"], r["kind"]) for r in report.rejected] == [("c", "unavailable"), ("c", "unavailable")]
     assert "Node Unavailable" in report.rejected[0]["reason"]
+
+
+def test_a_retry_waits_for_a_restarting_site_and_keeps_the_rounds_clock_and_spend() -> None:
+    class Rejoining(FakeGrid):
+        """c is down for round 1's first attempt and reconnects a few polls later."""
+
+        def __init__(self, behave: Behaviour) -> None:
+            super().__init__(behave)
+            self.polls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.polls += 1
+            return [1, 2, 3] if self.polls > 4 else [1, 2]
+
+    def with_epsilon(node: int, rnd: int, attempt: int, msg: Message) -> RecordDict | None:
+        content = honest(node, rnd, attempt, msg)
+        if content is not None and msg.metadata.message_type == MessageType.TRAIN:
+            content["metrics"]["epsilon"] = 0.25 * attempt  # type: ignore[index]
+        return content
+
+    strategy = _strategy()
+    loop = _loop(strategy, with_epsilon, FaultSpec(quorum=3))
+    loop.grid = Rejoining(with_epsilon)  # type: ignore[assignment]
+    loop.poll_s = 0.01
+    loop.run(initial=_initial(), rounds=1)
+    report = strategy.reports[0]
+    assert report.aggregated and report.attempts == 2 and sorted(report.train_sites) == ["a", "b", "c"]
+    assert loop.grid.polls > 4  # type: ignore[attr-defined]  # it waited for c before the second attempt
+    assert report.per_site["a"]["train"]["epsilon"] == 0.5  # a's second training replaced its first
+
+
+def test_a_retried_round_keeps_its_start_and_the_spend_of_sites_only_in_the_failed_attempt() -> None:
+    def flaky(node: int, rnd: int, attempt: int, msg: Message) -> RecordDict | None:
+        train = msg.metadata.message_type == MessageType.TRAIN
+        if train and ((node == 1 and attempt == 1) or (node == 2 and attempt == 2) or (node == 3 and attempt == 1)):
+            return None  # attempt 1: only b; attempt 2: a and c, b silent
+        content = honest(node, rnd, attempt, msg)
+        if content is not None and train:
+            content["metrics"]["epsilon"] = 0.25 * attempt  # type: ignore[index]
+        return content
+
+    before = time.time()
+    strategy = _strategy()
+    _loop(strategy, flaky, FaultSpec(quorum=2)).run(initial=_initial(), rounds=1)
+    report = strategy.reports[0]
+    assert report.aggregated and report.attempts == 2 and sorted(report.train_sites) == ["a", "c"]
+    assert report.per_site["b"]["train"]["epsilon"] == 0.25  # spent in the failed attempt, still on record
+    assert before <= report.started <= before + 1.0  # the round's clock started with its first attempt
+
+
+def test_an_honest_repeated_refusal_is_a_refusal_not_a_replay() -> None:
+    from flwr.app import ConfigRecord
+
+    def refuses(node: int, rnd: int, attempt: int, msg: Message) -> RecordDict | None:
+        if node == 3 and msg.metadata.message_type == MessageType.TRAIN:
+            return RecordDict({"status": ConfigRecord({"refused": "budget"})})
+        return honest(node, rnd, attempt, msg)
+
+    strategy = _strategy()
+    strategy.retired = {}
+    _loop(strategy, refuses, FaultSpec()).run(initial=_initial(), rounds=1)
+    assert [r["site"] for r in strategy.reports[0].refused] == ["c"]
+    assert not [r for r in strategy.reports[0].rejected if r["kind"] == "replayed"]

@@ -83,3 +83,12 @@ def test_unsigned_and_bad_key_files(keys, tmp_path: Path) -> None:
     (tmp_path / "junk.pub").write_text("junk")
     with pytest.raises(PrivacyError, match="cannot read"):
         load_verify_key(tmp_path / "junk.pub")
+
+
+@pytest.mark.parametrize("claimed", ["x", [3], 3.0, True])
+def test_a_signature_whose_round_is_not_an_integer_is_a_reason_not_a_crash(keys, claimed: object) -> None:
+    c = _content()
+    sign(c, binding=B, key=keys["a"][0])
+    c["signature"]["round"] = claimed  # type: ignore[index]
+    reason = verify(c, expected=B, key=keys["a"][1])
+    assert reason is not None and "round is not an integer" in reason

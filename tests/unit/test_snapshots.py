@@ -431,3 +431,16 @@ def test_files_are_mode_0600(tmp_path: Path) -> None:
     assert {p.suffix for p in files} == {".json", ".npz"}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def test_an_altered_state_in_a_valid_manifest_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = store(tmp_path)
+    save_rounds(s, 1, 2)
+    manifest = s.directory / "round-000002.json"
+    doc = json.loads(manifest.read_text())
+    doc["state"]["tampered"] = True  # still valid JSON, still the right npz
+    manifest.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        snap = s.latest()
+    assert snap is not None and snap.round == 1
+    assert "state_sha256" in warnings_text(caplog)
