@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import ROOT, cli, processes_under
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each process, wait up to 40 s, then SIGKILL it."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
+from tests.helpers import ROOT, cli, free_port, processes_under, stop
 
 CHAOS_ENV = {"DMSC_FED_ALLOW_CHAOS": "1"}
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_deployment import _free_port, _start, _stop
-from tests.helpers import cli, processes_under
+from tests.e2e.test_deployment import _start
+from tests.helpers import cli, free_port, processes_under, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -59,7 +59,7 @@ def test_queued_tasks_run_through_one_coordinator(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     assert cli("keys", "init", "--out", str(keys), "--sites", "east,west").returncode == 0
     state = tmp_path / "coord"
-    port, api_port = _free_port(), _free_port()
+    port, api_port = free_port(), free_port()
     env = {"DMSC_FED_API": f"http://127.0.0.1:{api_port}", "DMSC_FED_TOKEN_FILE": str(state / "cli-token")}
     coordinator = [
         "coordinator", "--keys", str(keys / "server"), "--state", str(state),
@@ -72,7 +72,7 @@ def test_queued_tasks_run_through_one_coordinator(tmp_path: Path) -> None:
         for site in ("east", "west"):
             client = [
                 "client", "--server", f"127.0.0.1:{port}", "--site", site, "--keys", str(keys / "sites" / site),
-                "--port", str(_free_port()), "--state", str(tmp_path / site),
+                "--port", str(free_port()), "--state", str(tmp_path / site),
             ]  # fmt: skip
             procs.append(_start(*client, log=tmp_path / f"{site}.out"))
         ids = []
@@ -105,7 +105,7 @@ def test_queued_tasks_run_through_one_coordinator(tmp_path: Path) -> None:
         metrics = httpx.get(f"http://127.0.0.1:{api_port}/metrics", headers={"Authorization": f"Bearer {token}"})
         assert metrics.status_code == 200 and 'dmsc_fed_tasks{state="succeeded"} 3.0' in metrics.text
 
-        _stop(procs[:1])  # restart the coordinator: the store keeps every task and model version
+        stop(procs[:1])  # restart the coordinator: the store keeps every task and model version
         procs[0] = _start(*coordinator, log=tmp_path / "coordinator-2.out")
         _wait("the control API again", lambda: "control API on" in (tmp_path / "coordinator-2.out").read_text(), 90)
         res = _api(env, "tasks", "list")
@@ -119,7 +119,7 @@ def test_queued_tasks_run_through_one_coordinator(tmp_path: Path) -> None:
         )
         assert len(versions) == 1
     finally:
-        _stop(procs)
+        stop(procs)
     time.sleep(1)
     assert processes_under(tmp_path) == [], "Flower processes were left running"
     assert os.path.exists(state / "control.db")

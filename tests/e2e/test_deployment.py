@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, cli, processes_under
+from tests.helpers import ROOT, cli, free_port, processes_under, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -31,12 +30,6 @@ name = "breast_cancer"
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as fh:
         return subprocess.Popen(
@@ -44,23 +37,11 @@ def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     assert cli("keys", "init", "--out", str(keys), "--sites", "east,west").returncode == 0
     server_keys = keys / "server"
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(
@@ -91,7 +72,7 @@ def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
                     "--keys",
                     str(keys / "sites" / site),
                     "--port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--state",
                     str(tmp_path / site),
                     log=tmp_path / f"{site}.out",
@@ -117,7 +98,7 @@ def test_server_clients_and_submit_on_separate_commands(tmp_path: Path) -> None:
         assert set(summary["sites"]) == {"east", "west"}
         assert summary["final_metrics"]["accuracy"] > 0.8
     finally:
-        _stop(procs)
+        stop(procs)
     assert all(p.returncode is not None for p in procs)
     time.sleep(1)
     assert processes_under(tmp_path) == [], "Flower processes were left running"
