@@ -42,7 +42,7 @@ Everything runs in this process through the real code paths, without Flower
 processes: key material from :func:`dmsc_fed.security.provision.provision`; the join
 phase is :func:`server.join.discover_sites` answered by the sites' own
 :func:`clients.site.handle_join`; the strategy is built by the server's own
-``server.loop._strategy`` (its segment layout planned over the sites that joined),
+``server.loop.build_strategy`` (its segment layout planned over the sites that joined),
 with :func:`server.loop.signature_check` as reply check; the task config record is the
 one ``run_federation`` sends (task, task id, federated scaler, segment layout). Each
 round is what Flower's ``Strategy.start`` does: ``configure_train``, one
@@ -453,7 +453,7 @@ def run_variant(
     from dmsc_fed.training import model_for
     from dmsc_fed.wire import SCALER_MEAN, SCALER_STD, SEGMENTS_KEY, TASK_ID_KEY, TASK_KEY
     from server.join import discover_sites
-    from server.loop import _strategy, signature_check
+    from server.loop import build_strategy
 
     nodes = {i: node_config(site=s.name, keys=keys, state=state) for i, s in enumerate(cfg.sites, start=1)}
     local = LocalGrid(nodes)
@@ -462,18 +462,7 @@ def run_variant(
     server_keys = ServerKeys.load(keys / "server")
     task_id = f"{cfg.name}/{run_id}"
     initial = ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict())
-    strategy, _, layout = _strategy(  # exactly as run_federation builds it
-        cfg,
-        server_keys,
-        initial,
-        sites=joined.sites,
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_sites=min(cfg.min_sites, len(joined.sites)),
-        on_round=None,
-        reply_check=signature_check(server_keys, task_id),
-        seed=cfg.seed,
-    )
+    strategy, _, layout = build_strategy(cfg, server_keys, initial, sites=joined.sites, task_id=task_id)
     task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: task_id})
     if layout is not None:
         task[SEGMENTS_KEY] = layout.to_json()

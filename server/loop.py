@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,33 @@ def _strategy(
     return strategy, profile.describe(), None
 
 
+def build_strategy(
+    cfg: FederationConfig,
+    keys: ServerKeys | None,
+    initial: ArrayRecord,
+    *,
+    sites: dict[int, SiteInfo],
+    task_id: str,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> tuple[WeightedFedAvg, dict[str, Any] | None, SegmentLayout | None]:
+    """The task's strategy as a run builds it: sampling and seed from the config, signatures checked when keyed.
+
+    Returns the strategy, the HE parameters it uses (None in plaintext) and the segment layout (None unsegmented).
+    """
+    return _strategy(
+        cfg,
+        keys,
+        initial,
+        sites=sites,
+        fraction_train=cfg.strategy.fraction_train,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_sites=min(cfg.min_sites, len(sites)),
+        on_round=on_round,
+        reply_check=signature_check(keys, task_id) if keys is not None else None,
+        seed=cfg.seed,
+    )
+
+
 def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -> dict[str, Any]:
     """Run one federated training task to completion and return its result."""
     out_value = str(run_config.get("out-dir", "") or "")
@@ -256,18 +284,7 @@ def run_federation(*, grid: Grid, run_config: dict[str, Any], run_id: int = 0) -
             down = record_bytes(current) * len(report.sampled) if current is not None else 0
             reporter.round_done(report, model=current, bytes_down=down, he_params=holder["he_params"])
 
-    strategy, he_params, layout = _strategy(
-        cfg,
-        keys,
-        initial,
-        sites=sites,
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_sites=min(cfg.min_sites, len(sites)),
-        on_round=on_round,
-        reply_check=signature_check(keys, task_id) if keys is not None else None,
-        seed=cfg.seed,
-    )
+    strategy, he_params, layout = build_strategy(cfg, keys, initial, sites=sites, task_id=task_id, on_round=on_round)
     holder.update(strategy=strategy, he_params=he_params)
     start_round = 1
     if snap is not None:

@@ -18,9 +18,9 @@ from tests.helpers import processes_under
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-BAD_UPDATES = """
-name = "chaos-updates"
-rounds = 6
+THREE_SITES = """
+name = "{name}"
+rounds = {rounds}
 local_epochs = 1
 learning_rate = 0.05
 [[sites]]
@@ -32,10 +32,12 @@ name = "c"
 [dataset]
 name = "breast_cancer"
 [strategy]
-round_timeout_s = 240
+round_timeout_s = {deadline_s}
 [fault]
 quorum = 2
 """
+
+BAD_UPDATES = THREE_SITES.format(name="chaos-updates", rounds=6, deadline_s=240)
 
 
 def test_bad_updates_are_rejected_recorded_and_leave_the_aggregate_to_the_others(tmp_path: Path) -> None:
@@ -66,24 +68,7 @@ def test_bad_updates_are_rejected_recorded_and_leave_the_aggregate_to_the_others
     assert result["final_metrics"]["accuracy"] > 0.8
 
 
-KILL_AND_SLOW = """
-name = "chaos-sites"
-rounds = 4
-local_epochs = 1
-learning_rate = 0.05
-[[sites]]
-name = "a"
-[[sites]]
-name = "b"
-[[sites]]
-name = "c"
-[dataset]
-name = "breast_cancer"
-[strategy]
-round_timeout_s = 60
-[fault]
-quorum = 2
-"""
+KILL_AND_SLOW = THREE_SITES.format(name="chaos-sites", rounds=4, deadline_s=60)
 
 
 def test_a_killed_site_and_a_slow_site_leave_the_task_to_the_others_and_the_killed_one_rejoins(

@@ -1,7 +1,7 @@
 """Reassignment with real sites: a failed site's block is trained by a substitute within the round.
 
 Everything the server does is the real code: the join (:func:`server.join.discover_sites`),
-the strategy and its layout as ``run_federation`` builds them (``server.loop._strategy``,
+the strategy and its layout as ``run_federation`` builds them (``server.loop.build_strategy``,
 signature checks included), and the fault-tolerant round loop
 (:class:`server.rounds.RoundLoop`). The sites are the real handlers
 (:func:`clients.site.handle_train`, :func:`clients.site.handle_evaluate`) run in this
@@ -40,7 +40,7 @@ from dmsc_fed.wire import (
     segment_weight_key,
 )
 from server.join import discover_sites
-from server.loop import _strategy, signature_check
+from server.loop import build_strategy
 from server.rounds import RoundLoop
 from strategies.segmented import SegmentedFedAvg
 from tests.conftest import make_config
@@ -89,18 +89,7 @@ def _run(cfg: FederationConfig, keys: Path, tmp_path: Path) -> Run:
     assert sorted(s.name for s in joined.sites.values()) == list(SITES)  # c joined: it fails later
     server_keys = ServerKeys.load(keys / "server")
     initial = ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict())
-    strategy, _, layout = _strategy(
-        cfg,
-        server_keys,
-        initial,
-        sites=joined.sites,
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_sites=min(cfg.min_sites, len(joined.sites)),
-        on_round=None,
-        reply_check=signature_check(server_keys, TASK_ID),
-        seed=cfg.seed,
-    )
+    strategy, _, layout = build_strategy(cfg, server_keys, initial, sites=joined.sites, task_id=TASK_ID)
     assert isinstance(strategy, SegmentedFedAvg) and layout is not None
     task = ConfigRecord({TASK_KEY: cfg.to_json(), TASK_ID_KEY: TASK_ID, SEGMENTS_KEY: layout.to_json()})
     if joined.stats:
